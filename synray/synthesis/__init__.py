@@ -1,0 +1,1 @@
+"""synray.synthesis"""
