@@ -22,3 +22,120 @@ def reference_dir() -> Path:
 @pytest.fixture(scope="session")
 def reference() -> Path:
     return reference_dir()
+
+
+# --- servers and Ray -------------------------------------------------------------------------
+
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("SYNRAY_QUIET", "1")
+os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
+
+S3_CREDS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server for {url} exited with code {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except Exception:
+            time.sleep(0.2)
+    raise RuntimeError(f"server at {url} did not come up in {timeout}s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint on loopback (moto's server); the AWS environment points at it."""
+    port = free_port()
+    exe = shutil.which("moto_server") or sys.executable
+    cmd = [exe, "-H", "127.0.0.1", "-p", str(port)] if exe != sys.executable else [exe, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in (*S3_CREDS, "AWS_ENDPOINT_URL")}
+    try:
+        _wait_http(endpoint, proc, 30)
+        os.environ.update(S3_CREDS, AWS_ENDPOINT_URL=endpoint)
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="synray-test")
+        yield {"endpoint": endpoint, "bucket": "synray-test", "env": {**S3_CREDS, "AWS_ENDPOINT_URL": endpoint}}
+    finally:
+        _stop(proc)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` process on loopback with its own SQLite store."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"{uri}/health", proc, 90)
+        yield uri
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    """One local Ray for the whole session (4 logical CPUs on 2 cores: avoids Data/Train deadlocks).
+
+    Workers get the S3 test server's environment so any stage can read and write ``s3://``.
+    """
+    import ray
+
+    env_vars = dict(s3_server["env"])
+    ray.init(
+        address="local", num_cpus=4, include_dashboard=False, object_store_memory=384 * 2**20,
+        log_to_driver=False, runtime_env={"env_vars": env_vars},
+    )
+    from synray.runtime import configure_data_context
+
+    configure_data_context(quiet=True)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -13,33 +13,18 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from synray.io.images import ImageDecodeError, decode_image, encode_image
+
 
 class BinSetError(ValueError):
     """A ``.bin`` file is unreadable or malformed."""
-
-
-def encode_image(rgb: np.ndarray, fmt: str = ".jpg", quality: int = 95) -> bytes:
-    """Encode an RGB uint8 image (``.jpg`` or ``.png``)."""
-    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if fmt == ".jpg" else []
-    ok, buf = cv2.imencode(fmt, cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR), params)
-    if not ok:
-        raise BinSetError(f"could not encode an image of shape {rgb.shape} as {fmt}")
-    return buf.tobytes()
-
-
-def decode_image(data: bytes, what: str = "image") -> np.ndarray:
-    """Decode encoded bytes to RGB uint8 HxWx3; corrupt data is an error naming ``what``."""
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if arr is None:
-        raise BinSetError(f"corrupt or unsupported image data in {what}")
-    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
 
 
 def write_bin(path: str | os.PathLike, images: Sequence[np.ndarray], issame: Sequence[bool], fmt: str = ".jpg") -> None:
     """Write RGB images (pair order) and pair labels in the insightface layout, atomically."""
     if len(images) != 2 * len(issame):
         raise BinSetError(f"{len(images)} images for {len(issame)} pairs; need exactly two per pair")
-    blob = ([encode_image(im, fmt) for im in images], [bool(s) for s in issame])
+    blob = ([encode_image(np.asarray(im, np.uint8), fmt) for im in images], [bool(s) for s in issame])
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as fh:
@@ -59,7 +44,10 @@ def read_bin(path: str | os.PathLike, image_size: tuple[int, int] | None = (112,
         raise BinSetError(f"{path}: {len(bins)} images for {len(issame)} pairs")
     out = []
     for i, b in enumerate(bins):
-        im = decode_image(bytes(b), f"{path} image {i}")
+        try:
+            im = decode_image(bytes(b), f"{path} image {i}")
+        except ImageDecodeError as exc:
+            raise BinSetError(str(exc)) from exc
         if image_size is not None and im.shape[:2] != tuple(image_size):
             im = cv2.resize(im, (image_size[1], image_size[0]), interpolation=cv2.INTER_LINEAR)
         out.append(im)

@@ -1,0 +1,163 @@
+"""Config plumbing shared by every job.
+
+Configs are pydantic models with ``extra="forbid"`` so that a typo is an error, validated before any
+Ray work starts. Errors name the dotted key (``train.lr``) and the offending value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+T = TypeVar("T", bound=BaseModel)
+
+_SECRET = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key)", re.I)
+_URI_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
+
+
+class ConfigError(ValueError):
+    """A config file or override is unreadable, has an unknown key, or a bad value."""
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class OutputConfig(StrictModel):
+    """Where a job writes: a local path or ``s3://bucket/prefix``."""
+
+    uri: str = Field("outputs/run", min_length=1)
+    overwrite: bool = False
+
+
+class TrackingConfig(StrictModel):
+    """MLflow tracking; ``uri=None`` means ``$MLFLOW_TRACKING_URI`` or SQLite under the working dir."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "synray"
+    run_name: str | None = None
+
+
+class RayConfig(StrictModel):
+    """How to reach Ray: ``address=None`` attaches to a running cluster if any, else starts a local one."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(None, ge=1)
+    quiet: bool = False
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override '{dotted}': '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides; values are parsed as YAML (numbers, bools, lists, null)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.path=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"override '{item}' has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': cannot parse value: {exc}") from exc
+        _set_dotted(data, key, value)
+    return data
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def validate(schema: type[T], data: dict[str, Any], source: str = "<dict>") -> T:
+    """Validate a plain dict into ``schema``, raising :class:`ConfigError` naming each bad key."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = os.fspath(path)
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | os.PathLike | None, schema: type[T], overrides: list[str] | None = None) -> T:
+    """Read YAML (or start empty when ``path`` is None), apply overrides, validate into ``schema``."""
+    data = read_yaml(path) if path is not None else {}
+    apply_overrides(data, overrides)
+    return validate(schema, data, os.fspath(path) if path is not None else "<overrides>")
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """Copy of a plain config structure with secret-looking keys and URI credentials masked."""
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, key) for v in value]
+    if key and _SECRET.search(key) and value not in (None, ""):
+        return "***"
+    if isinstance(value, str):
+        return _URI_USERINFO.sub(r"\g<scheme>***@", value)
+    return value
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    """Resolved config as YAML, secrets redacted: safe to save next to outputs and log."""
+    return yaml.safe_dump(redact(cfg.model_dump(mode="json")), sort_keys=False)
+
+
+def config_hash(cfg: BaseModel, exclude: set[str] | None = None) -> str:
+    """Stable short hash of the config content that determines a dataset (used in shard metadata)."""
+    data = cfg.model_dump(mode="json", exclude=exclude)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` for MLflow params."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

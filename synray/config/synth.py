@@ -1,0 +1,124 @@
+"""Synthesis job config (``kind: synth``): contexts -> generation -> alignment -> ID augmentation -> shards."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from synray.config.base import OutputConfig, RayConfig, StrictModel, TrackingConfig
+
+
+class IdentitiesConfig(StrictModel):
+    """Identities ``start .. start+count-1`` grouped into fixed work units (one shard each)."""
+
+    count: int = Field(256, ge=1)
+    start: int = Field(0, ge=0)
+    unit_size: int = Field(64, ge=1, le=100_000)
+
+
+class SeparationConfig(StrictModel):
+    """Reject a context whose cosine to an already accepted one exceeds ``max_cosine``."""
+
+    max_cosine: float | None = Field(None, gt=-1.0, le=1.0)
+    max_tries: int = Field(100, ge=1)
+
+
+class MixupConfig(StrictModel):
+    """SynFace identity mixup: blend identity i's code with a partner's, weight ``phi`` on identity i."""
+
+    phi: float = Field(0.8, ge=0.0, le=1.0)
+
+
+class ContextsConfig(StrictModel):
+    source: Literal["gaussian", "embeddings_file", "face_embeddings", "mixup"] = "gaussian"
+    dim: int = Field(512, ge=2)
+    path: str | None = None  # embeddings file (.npy / .parquet) or a folder of context face images
+    embedder: str | None = None  # FR model for face_embeddings: "world_teacher" or "<registry name>:<checkpoint>"
+    separation: SeparationConfig = SeparationConfig()
+    mixup: MixupConfig = MixupConfig()
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> ContextsConfig:
+        if self.source == "embeddings_file" and not self.path:
+            raise ValueError("contexts.path is required for source 'embeddings_file'")
+        return self
+
+
+class TwoStageConfig(StrictModel):
+    """UIFace adaptive two-stage sampling (published values)."""
+
+    step_th: int = Field(500, ge=0, le=1000)
+    mse_th: float = Field(0.006, ge=0.0)
+
+
+class SamplerConfig(StrictModel):
+    method: Literal["ddpm", "ddim", "uiface", "dpmpp"] = "ddim"
+    steps: int = Field(50, ge=1, le=1000)
+    mode: Literal["reference", "textbook"] = "reference"
+    eta: float = Field(0.0, ge=0.0)
+    guidance: float = Field(0.0, ge=0.0)
+    two_stage: TwoStageConfig = TwoStageConfig()
+
+
+class GeneratorConfig(StrictModel):
+    """Which generator makes the images and how its actor pool is sized."""
+
+    type: Literal["ldm", "world", "dcgan"] = "ldm"
+    unet: str | None = None  # diffusion checkpoint (published layout)
+    vq_decoder: str | None = None
+    latent_shape: tuple[int, int, int] = (3, 32, 32)
+    sampler: SamplerConfig = SamplerConfig()
+    images_per_identity: int = Field(50, ge=1)
+    batch_size: int = Field(50, ge=1)
+    num_gpus: float = Field(0.0, ge=0.0)
+    num_cpus: float = Field(1.0, gt=0.0)
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(2, ge=1)
+    world_difficulty: float = Field(1.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> GeneratorConfig:
+        if self.type == "ldm" and not (self.unet and self.vq_decoder):
+            raise ValueError("generator.unet and generator.vq_decoder are required for type 'ldm'")
+        if self.max_actors < self.min_actors:
+            raise ValueError("generator.max_actors must be >= generator.min_actors")
+        return self
+
+
+class AlignmentConfig(StrictModel):
+    """``resize`` (ADMIS/UIFace), ``landmarks`` (IDiff-Face: detector + 5-point similarity) or ``none``."""
+
+    mode: Literal["resize", "landmarks", "none"] = "resize"
+    size: tuple[int, int] = (112, 112)
+    detector: Literal["retinaface", "world"] = "retinaface"
+    num_cpus: float = Field(0.5, gt=0.0)
+
+
+class QualityConfig(StrictModel):
+    """Identity-consistency score (cosine of each image's embedding to its identity's context/mean)."""
+
+    embedder: str | None = None
+    threshold: float | None = Field(None, ge=-1.0, le=1.0)
+
+
+class AugmentConfig(StrictModel):
+    """ADMIS/DCFace ID augmentation: add the context face ``context_repeats`` times per identity."""
+
+    context_repeats: int = Field(0, ge=0, le=100)
+
+
+class SynthConfig(StrictModel):
+    kind: Literal["synth"] = "synth"
+    name: str = "synth"
+    seed: int = Field(0, ge=0)
+    output: OutputConfig = OutputConfig(uri="outputs/synth")
+    identities: IdentitiesConfig = IdentitiesConfig()
+    contexts: ContextsConfig = ContextsConfig()
+    generator: GeneratorConfig = GeneratorConfig(type="world")
+    alignment: AlignmentConfig = AlignmentConfig()
+    augment: AugmentConfig = AugmentConfig()
+    quality: QualityConfig = QualityConfig()
+    image_format: Literal["png", "jpg"] = "png"
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()

@@ -1,0 +1,1 @@
+"""Storage URIs (local or S3), Parquet shards and dataset manifests."""

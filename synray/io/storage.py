@@ -1,0 +1,163 @@
+"""One URI layer over local paths and ``s3://bucket/prefix``.
+
+Endpoints, regions and credentials come from the standard AWS environment (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, instance profiles, ...), never from configs that get logged.
+Writes are atomic: a temp file plus rename locally, and a single upload on S3 (an object becomes
+visible only once its upload completes), so a file that exists is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from functools import lru_cache
+
+import pyarrow.fs as pafs
+
+
+class StorageError(OSError):
+    """A storage URI cannot be reached, read or written."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI (``/`` separated for S3)."""
+    if is_s3(uri):
+        return "s3://" + posixpath.join(uri[5:].rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+@lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    kwargs: dict = {}
+    if endpoint:
+        scheme = "http" if endpoint.startswith("http://") else "https"
+        kwargs.update(endpoint_override=endpoint.split("://", 1)[-1], scheme=scheme)
+    if region:
+        kwargs["region"] = region
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        kwargs.update(access_key=key, secret_key=secret, session_token=os.environ.get("AWS_SESSION_TOKEN"))
+    return pafs.S3FileSystem(**kwargs)
+
+
+def _s3_client():
+    import boto3  # boto3 reads AWS_ENDPOINT_URL, credentials and region from the standard environment
+
+    return boto3.client("s3")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved URI: the pyarrow filesystem and the path inside it."""
+
+    uri: str
+    fs: pafs.FileSystem
+    path: str
+
+
+def resolve(uri: str) -> Location:
+    """Map a URI to a pyarrow filesystem; S3 settings come from the AWS environment."""
+    if not uri:
+        raise StorageError("empty storage URI")
+    if is_s3(uri):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        path = uri[5:].strip("/")
+        if not path:
+            raise StorageError(f"S3 URI without a bucket: {uri}")
+        return Location(uri, _s3_filesystem(endpoint, region), path)
+    if uri.startswith("file://"):
+        uri = uri[7:]
+    return Location(uri, pafs.LocalFileSystem(), os.path.abspath(uri))
+
+
+def _wrap(uri: str, action: str, exc: Exception) -> StorageError:
+    return StorageError(f"cannot {action} {uri}: {exc}")
+
+
+def exists(uri: str) -> bool:
+    loc = resolve(uri)
+    try:
+        return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
+    except Exception as exc:
+        raise _wrap(uri, "reach", exc) from exc
+
+
+def makedirs(uri: str) -> None:
+    loc = resolve(uri)
+    try:
+        loc.fs.create_dir(loc.path, recursive=True)
+    except Exception as exc:
+        raise _wrap(uri, "create", exc) from exc
+
+
+def listdir(uri: str) -> list[str]:
+    """Names (not paths) of the files directly inside ``uri``; empty if it does not exist."""
+    loc = resolve(uri)
+    try:
+        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))
+    except Exception as exc:
+        raise _wrap(uri, "list", exc) from exc
+    return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File)
+
+
+def read_bytes(uri: str) -> bytes:
+    loc = resolve(uri)
+    try:
+        with loc.fs.open_input_stream(loc.path) as fh:
+            return fh.read()
+    except FileNotFoundError as exc:
+        raise StorageError(f"not found: {uri}") from exc
+    except Exception as exc:
+        raise _wrap(uri, "read", exc) from exc
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write ``data`` so that readers see either no file or the complete file, never a part."""
+    loc = resolve(uri)
+    try:
+        if is_s3(uri):
+            # A single PUT: S3 makes the object visible only when the whole body has arrived, so a
+            # writer killed (or failing) mid-upload leaves nothing behind.
+            bucket, _, key = loc.path.partition("/")
+            _s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+            return
+        parent = os.path.dirname(loc.path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(loc.path)}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, loc.path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise _wrap(uri, "write", exc) from exc
+
+
+def delete(uri: str) -> None:
+    loc = resolve(uri)
+    try:
+        loc.fs.delete_file(loc.path)
+    except FileNotFoundError:
+        pass
+    except Exception as exc:
+        raise _wrap(uri, "delete", exc) from exc
+
+
+def check_writable(uri: str) -> None:
+    """Fail fast (before any Ray work) when the output location cannot be written."""
+    probe = join(uri, f".synray-probe-{uuid.uuid4().hex[:8]}")
+    write_bytes_atomic(probe, b"ok")
+    delete(probe)

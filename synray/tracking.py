@@ -1,0 +1,122 @@
+"""MLflow tracking for every job.
+
+The store is ``tracking.uri`` from the config, else ``$MLFLOW_TRACKING_URI``, else SQLite under the
+job's working directory (``./mlruns/mlflow.db``), so a laptop run leaves a browsable store with no
+server. Params are the flattened, secret-redacted resolved config.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from pydantic import BaseModel
+
+from synray.config import TrackingConfig, redact, to_yaml
+from synray.config.base import flatten
+
+
+def default_tracking_uri(workdir: str | os.PathLike | None = None) -> str:
+    root = os.path.abspath(os.fspath(workdir or os.getcwd()))
+    return f"sqlite:///{os.path.join(root, 'mlruns', 'mlflow.db')}"
+
+
+def resolve_tracking_uri(cfg: TrackingConfig | None = None, workdir: str | os.PathLike | None = None) -> str:
+    if cfg is not None and cfg.uri:
+        return cfg.uri
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(workdir)
+
+
+def _ensure_local_store(uri: str) -> str | None:
+    """Create the folder of a SQLite store; returns an artifact root beside it (None for servers)."""
+    if uri.startswith("sqlite:///"):
+        db = uri[len("sqlite:///"):]
+        os.makedirs(os.path.dirname(db) or ".", exist_ok=True)
+        return "file://" + os.path.join(os.path.dirname(os.path.abspath(db)), "artifacts")
+    return None
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """Set the tracking URI and return the experiment id, creating it (with a local artifact root) if needed."""
+    import mlflow
+
+    artifacts = _ensure_local_store(uri)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is None:
+        return mlflow.create_experiment(name, artifact_location=artifacts)
+    return exp.experiment_id
+
+
+class Tracker:
+    """Thin wrapper so jobs log unconditionally; does nothing when tracking is disabled."""
+
+    def __init__(self, run: Any | None):
+        self.run = run
+        self.run_id = run.info.run_id if run is not None else None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if self.run is not None:
+            import mlflow
+
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if self.run is not None:
+            import mlflow
+
+            mlflow.log_params({k: ("" if v is None else v) for k, v in redact(dict(params)).items()})
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        if self.run is not None:
+            import mlflow
+
+            mlflow.log_artifact(path, artifact_path)
+
+    def log_text(self, text: str, name: str) -> None:
+        if self.run is not None:
+            import mlflow
+
+            mlflow.log_text(text, name)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        if self.run is not None:
+            import mlflow
+
+            mlflow.set_tags(dict(tags))
+
+
+@contextmanager
+def job_run(
+    cfg: BaseModel,
+    job: str,
+    tracking: TrackingConfig | None = None,
+    workdir: str | os.PathLike | None = None,
+    tags: Mapping[str, str] | None = None,
+    nested: bool = False,
+) -> Iterator[Tracker]:
+    """Open an MLflow run for a job, log its resolved config (params + ``config.yaml``), yield a Tracker."""
+    tracking = tracking or getattr(cfg, "tracking", None) or TrackingConfig()
+    if not tracking.enabled:
+        yield Tracker(None)
+        return
+    import mlflow
+
+    uri = resolve_tracking_uri(tracking, workdir)
+    exp_id = ensure_experiment(uri, tracking.experiment)
+    with mlflow.start_run(experiment_id=exp_id, run_name=tracking.run_name or job, nested=nested) as run:
+        tracker = Tracker(run)
+        tracker.set_tags({"synray.job": job, **(tags or {})})
+        params = flatten(redact(cfg.model_dump(mode="json")))
+        tracker.log_params({k: (str(v)[:500] if isinstance(v, (list, dict)) else v) for k, v in params.items()})
+        tracker.log_text(to_yaml(cfg), "config.yaml")
+        yield tracker
+
+
+def mlflow_ui_hint(uri: str) -> str:
+    """One line telling a user how to browse the runs."""
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow runs: open {uri}"
+    return f"MLflow runs: mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)"
