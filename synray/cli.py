@@ -10,6 +10,7 @@ import sys
 COMMANDS = (
     "synray.commands.config_cmd",
     "synray.evaluation.command",
+    "synray.synthesis.command",
 )
 
 
@@ -39,6 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StorageError) as exc:
         print(f"synray {args.command}: {exc}", file=sys.stderr)
         return 2
+
+
+def job_main(command: str, argv: list[str]) -> int:
+    """``jobs/*.py`` entry points: ``--config PATH`` plus the command's own flags."""
+    argv = list(argv)
+    if "--config" in argv:
+        i = argv.index("--config")
+        argv = [argv[i + 1], *argv[:i], *argv[i + 2:]]
+    return main([command, *argv])
 
 
 if __name__ == "__main__":

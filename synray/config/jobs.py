@@ -13,6 +13,7 @@ from synray.config.base import ConfigError, apply_overrides, read_yaml, validate
 #: kind -> "module:Class" (imported lazily so validating a config stays cheap)
 JOB_KINDS: dict[str, str] = {
     "synth": "synray.config.synth:SynthConfig",
+    "train": "synray.config.train:TrainConfig",
 }
 
 

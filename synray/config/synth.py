@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -57,7 +57,8 @@ class SamplerConfig(StrictModel):
     steps: int = Field(50, ge=1, le=1000)
     mode: Literal["reference", "textbook"] = "reference"
     eta: float = Field(0.0, ge=0.0)
-    guidance: float = Field(0.0, ge=0.0)
+    #: classifier-free guidance scale; None = the method's default (none; UIFace's published w = 1)
+    guidance: float | None = Field(None, ge=0.0)
     two_stage: TwoStageConfig = TwoStageConfig()
 
 
@@ -67,6 +68,8 @@ class GeneratorConfig(StrictModel):
     type: Literal["ldm", "world", "dcgan"] = "ldm"
     unet: str | None = None  # diffusion checkpoint (published layout)
     vq_decoder: str | None = None
+    #: VQ architecture overrides (e.g. {ch: 32, ch_mult: [1, 2]}) for non-published decoders; None = published f4
+    vq_config: dict[str, Any] | None = None
     latent_shape: tuple[int, int, int] = (3, 32, 32)
     sampler: SamplerConfig = SamplerConfig()
     images_per_identity: int = Field(50, ge=1)

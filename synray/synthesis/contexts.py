@@ -1,0 +1,115 @@
+"""Identity contexts, one row per identity (pure numpy; no Ray, no models).
+
+* ``gaussian``: unit-sphere Gaussian contexts (IDiff-Face).
+* ``embeddings_file``: rows of a ``.npy``/``.parquet`` file, re-normalised (UIFace, ADMIS files).
+* ``mixup``: SynFace identity mixup, ``normalize(phi * c_i + (1 - phi) * c_partner)`` with the
+  partner recorded as a soft label.
+* ``face_embeddings`` is computed by an embedder in the pipeline and enters here as a file.
+
+The separation filter rejects a context whose cosine to an accepted one exceeds ``max_cosine``; the
+k-th candidate of identity i comes from ``(seed, i, k)`` so the result is independent of scheduling.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from synray.synthesis.seeds import CONTEXT, PARTNER, rng
+
+
+class ContextError(ValueError):
+    """A context source is missing, malformed or too small for the requested identities."""
+
+
+@dataclass
+class Contexts:
+    """Contexts for identities ``ids``; ``partner``/``weight`` are the soft labels (-1 / 1.0 if unmixed)."""
+
+    ids: np.ndarray
+    vectors: np.ndarray
+    partner: np.ndarray
+    weight: np.ndarray
+
+
+def _normalize(v: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(v, axis=-1, keepdims=True)
+    if np.any(n == 0):
+        raise ContextError("a context vector has zero norm")
+    return (v / n).astype(np.float32)
+
+
+def gaussian_candidate(seed: int, identity: int, dim: int, attempt: int = 0) -> np.ndarray:
+    return _normalize(rng(seed, identity, CONTEXT, attempt).standard_normal(dim))
+
+
+def gaussian(seed: int, ids: np.ndarray, dim: int) -> np.ndarray:
+    return np.stack([gaussian_candidate(seed, int(i), dim) for i in ids]) if len(ids) else np.zeros((0, dim), np.float32)
+
+
+def separated_gaussian(seed: int, ids: np.ndarray, dim: int, max_cosine: float, max_tries: int) -> np.ndarray:
+    """Sequential acceptance over identities in id order; identity i is compared with all j < i."""
+    accepted = np.zeros((len(ids), dim), np.float32)
+    for n, i in enumerate(ids):
+        for attempt in range(max_tries):
+            cand = gaussian_candidate(seed, int(i), dim, attempt)
+            if n == 0 or float(np.max(accepted[:n] @ cand)) <= max_cosine:
+                break
+        else:
+            raise ContextError(
+                f"identity {int(i)}: no context with cosine <= {max_cosine} to the accepted ones after {max_tries} tries;"
+                " lower the number of identities or raise contexts.separation.max_cosine"
+            )
+        accepted[n] = cand
+    return accepted
+
+
+def load_embeddings(path: str) -> np.ndarray:
+    """Load an ``[N, D]`` embedding table from ``.npy`` or ``.parquet`` (one list column or D float columns)."""
+    if not os.path.exists(path):
+        raise ContextError(f"embeddings file not found: {path}")
+    try:
+        if path.endswith(".npy"):
+            arr = np.load(path, allow_pickle=False)
+        elif path.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            if table.num_columns == 1:
+                arr = np.stack(table.column(0).to_numpy(zero_copy_only=False))
+            else:
+                arr = np.stack([table.column(i).to_numpy() for i in range(table.num_columns)], axis=1)
+        else:
+            raise ContextError(f"embeddings file {path}: expected .npy or .parquet")
+    except ContextError:
+        raise
+    except Exception as exc:
+        raise ContextError(f"cannot read embeddings file {path}: {exc}") from exc
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ContextError(f"embeddings file {path}: expected a 2-D [identities, dim] array, got shape {arr.shape}")
+    return arr
+
+
+def from_table(table: np.ndarray, ids: np.ndarray, dim: int, source: str) -> np.ndarray:
+    if table.shape[1] != dim:
+        raise ContextError(f"{source}: embeddings have dimension {table.shape[1]}, contexts.dim is {dim}")
+    if len(ids) and int(ids.max()) >= len(table):
+        raise ContextError(f"{source}: {len(table)} rows, but identity {int(ids.max())} was requested")
+    return _normalize(table[ids])
+
+
+def mixup(seed: int, ids: np.ndarray, all_ids: np.ndarray, base: np.ndarray, phi: float) -> Contexts:
+    """SynFace identity mixup; ``base`` holds the unmixed contexts of ``all_ids`` (the whole run)."""
+    if len(all_ids) < 2:
+        raise ContextError("identity mixup needs at least two identities")
+    index = {int(i): n for n, i in enumerate(all_ids)}
+    partners = np.empty(len(ids), np.int64)
+    for n, i in enumerate(ids):
+        j = int(rng(seed, int(i), PARTNER).integers(len(all_ids) - 1))
+        j = j + 1 if j >= index[int(i)] else j  # any identity but i itself
+        partners[n] = all_ids[j]
+    vec = phi * base[[index[int(i)] for i in ids]] + (1 - phi) * base[[index[int(p)] for p in partners]]
+    return Contexts(ids, _normalize(vec), partners, np.full(len(ids), phi, np.float32))

@@ -1,0 +1,39 @@
+"""FR embedders for context faces and identity-consistency scores.
+
+An embedder spec is ``"<backbone registry name>:<checkpoint path>"`` for published weights (e.g.
+``iresnet50:backbone.pth``) or the path of a synray checkpoint; weights load strictly with ``weights_only``. Images are uint8 RGB, aligned 112x112.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class Embedder:
+    def __init__(self, spec: str, device: str = "cpu", batch_size: int = 64):
+        from synray.models.export import load_any_backbone
+
+        self.model = load_any_backbone(spec).eval().to(device)
+        self.spec, self.batch_size = spec, batch_size
+
+    @torch.no_grad()
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """L2-normalised, flip-fused embeddings ``[N, D]`` of uint8 RGB images ``[N, H, W, 3]``."""
+        from synray.evaluation.evaluate import embed
+
+        if len(images) == 0:
+            return np.zeros((0, 1), np.float32)
+        emb = np.asarray(embed(self.model, images, batch_size=self.batch_size, flip=True), np.float32)
+        return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+
+
+def consistency(emb: np.ndarray, identity: np.ndarray, anchors: dict[int, np.ndarray] | None = None) -> np.ndarray:
+    """Cosine of each embedding to its identity's anchor (given, e.g. the context) or its identity mean."""
+    out = np.full(len(emb), np.nan, np.float32)
+    for i in np.unique(identity):
+        sel = identity == i
+        anchor = anchors[int(i)] if anchors is not None and int(i) in anchors else emb[sel].mean(0)
+        anchor = anchor / max(float(np.linalg.norm(anchor)), 1e-12)
+        out[sel] = np.clip(emb[sel] @ anchor, -1.0, 1.0)
+    return out

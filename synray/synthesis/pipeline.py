@@ -1,0 +1,258 @@
+"""Synthesis on Ray Data: units -> (context faces) -> generation -> alignment -> finish -> shards.
+
+The Ray code here only wires the stages of :mod:`synray.synthesis.stages`. One row is one work unit,
+so a unit's images stay together and each unit becomes exactly one shard, written atomically. Re-running
+the same config skips units whose shard exists.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from synray.config import config_hash, to_yaml
+from synray.config.synth import SynthConfig
+from synray.io import shards, storage
+from synray.synthesis import contexts as C
+from synray.synthesis.stages import AlignStage, ContextFaceStage, FinishStage, GenerateStage, WriteStage, preview_grid
+
+#: fields that change how fast a dataset is made, never what it contains
+NON_CONTENT = {"name": True, "output": True, "tracking": True, "ray": True,
+               "generator": {"batch_size", "num_gpus", "num_cpus", "min_actors", "max_actors"},
+               "alignment": {"num_cpus"}}
+CONTEXT_FACE_SAMPLE = 10**6  # world sample index reserved for an identity's context face
+
+
+def content_hash(cfg: SynthConfig) -> str:
+    return config_hash(cfg, exclude=NON_CONTENT)
+
+
+def units_of(cfg: SynthConfig) -> dict[int, np.ndarray]:
+    """Fixed work units: unit u holds identities ``start + u*size .. start + (u+1)*size - 1``."""
+    ids = np.arange(cfg.identities.start, cfg.identities.start + cfg.identities.count, dtype=np.int64)
+    size = cfg.identities.unit_size
+    first = cfg.identities.start // size
+    return {first + k: ids[k * size:(k + 1) * size] for k in range((len(ids) + size - 1) // size)}
+
+
+def check_config(cfg: SynthConfig) -> None:
+    """Cross-section checks a schema cannot express; raises ValueError naming the keys."""
+    src = cfg.contexts.source
+    if cfg.identities.start % cfg.identities.unit_size:
+        raise ValueError("identities.start must be a multiple of identities.unit_size (units are fixed)")
+    if cfg.contexts.separation.max_cosine is not None and src not in ("gaussian", "mixup"):
+        raise ValueError("contexts.separation applies to gaussian/mixup contexts only")
+    if src == "face_embeddings" and not cfg.contexts.embedder:
+        raise ValueError("contexts.embedder is required for source 'face_embeddings'")
+    if cfg.augment.context_repeats and src != "face_embeddings":
+        raise ValueError("augment.context_repeats needs context faces: set contexts.source to 'face_embeddings'")
+    if cfg.quality.threshold is not None and not cfg.quality.embedder:
+        raise ValueError("quality.threshold needs quality.embedder")
+    if cfg.generator.type == "world" and src == "mixup":
+        raise ValueError("the world generator renders identities directly; identity mixup needs generator.type ldm or dcgan")
+
+
+def _base_contexts(cfg: SynthConfig, all_ids: np.ndarray) -> np.ndarray:
+    c = cfg.contexts
+    if c.source == "embeddings_file":
+        return C.from_table(C.load_embeddings(c.path), all_ids, c.dim, c.path)
+    if c.separation.max_cosine is not None:
+        return C.separated_gaussian(cfg.seed, all_ids, c.dim, c.separation.max_cosine, c.separation.max_tries)
+    return C.gaussian(cfg.seed, all_ids, c.dim)
+
+
+def context_faces(cfg: SynthConfig, ids: np.ndarray) -> np.ndarray:
+    """Context face images: the i-th image of ``contexts.path`` (sorted) or the world's render of i."""
+    size = tuple(cfg.alignment.size)
+    if cfg.contexts.path:
+        from synray.io.images import decode_image
+
+        names = sorted(f for f in os.listdir(cfg.contexts.path) if f.lower().endswith((".png", ".jpg", ".jpeg")))
+        if len(ids) and int(ids.max()) >= len(names):
+            raise C.ContextError(f"contexts.path {cfg.contexts.path} has {len(names)} images; identity {int(ids.max())} requested")
+        faces = []
+        for i in ids:
+            p = os.path.join(cfg.contexts.path, names[int(i)])
+            with open(p, "rb") as fh:
+                faces.append(decode_image(fh.read(), p))
+        from synray.align import resize
+
+        return np.stack([resize(f, size) for f in faces])
+    from synray.world.world import World
+
+    world = World(seed=cfg.seed, num_identities=int(ids.max()) + 1 if len(ids) else 1,
+                  difficulty=cfg.generator.world_difficulty)
+    return np.stack([world.render(int(i), CONTEXT_FACE_SAMPLE) for i in ids])
+
+
+def unit_rows(cfg: SynthConfig, units: dict[int, np.ndarray], only: list[int]) -> list[dict[str, Any]]:
+    """The input rows for the pending units: identities, contexts, soft labels (and context faces)."""
+    all_ids = np.concatenate(list(units.values()))
+    src = cfg.contexts.source
+    if src == "face_embeddings":
+        base = np.zeros((len(all_ids), cfg.contexts.dim), np.float32)  # filled by ContextFaceStage
+    else:
+        base = _base_contexts(cfg, all_ids)
+    index = {int(i): n for n, i in enumerate(all_ids)}
+    rows = []
+    for u in only:
+        ids = units[u]
+        if src == "mixup":
+            mixed = C.mixup(cfg.seed, ids, all_ids, base, cfg.contexts.mixup.phi)
+            ctx, partner, weight = mixed.vectors, mixed.partner, mixed.weight
+        else:
+            ctx = base[[index[int(i)] for i in ids]]
+            partner, weight = np.full(len(ids), -1, np.int64), np.ones(len(ids), np.float32)
+        row = {"unit": np.int64(u), "ids": ids, "contexts": ctx.astype(np.float32), "partner": partner, "weight": weight}
+        if src == "face_embeddings":
+            row["context_faces"] = context_faces(cfg, ids)
+        rows.append(row)
+    return rows
+
+
+def prepare_output(cfg: SynthConfig) -> tuple[str, list[int], dict[int, np.ndarray], dict[str, Any]]:
+    """Check storage and earlier shards; returns (uri, pending units, all units, shard metadata)."""
+    check_config(cfg)
+    uri = cfg.output.uri
+    storage.check_writable(uri)
+    units = units_of(cfg)
+    chash = content_hash(cfg)
+    done = shards.list_shards(uri)
+    for unit, shard_uri in list(done.items())[:1] + list(done.items())[-1:]:
+        theirs = shards.shard_metadata(shard_uri).get("config_hash")
+        if theirs != chash:
+            raise shards.ShardError(
+                f"{shard_uri} was written by a different config (hash {theirs}, this one {chash});"
+                " use a new output.uri or the config that made it"
+            )
+    stray = sorted(set(done) - set(units))
+    if stray:
+        raise shards.ShardError(f"{uri} holds shards for units {stray[:5]} outside identities.start/count")
+    pending = [u for u in units if u not in done]
+    meta = {"generator": cfg.generator.type, "config_hash": chash, "run_seed": cfg.seed,
+            "sampler": cfg.generator.sampler.model_dump() if cfg.generator.type == "ldm" else None}
+    storage.write_bytes_atomic(storage.join(uri, "config.yaml"), to_yaml(cfg).encode())
+    return uri, pending, units, meta
+
+
+def _cfg_dict(cfg: SynthConfig) -> dict:
+    return cfg.model_dump(mode="json")
+
+
+def _finish(cfg: SynthConfig, uri: str, results: list[dict], seconds: float, skipped: int, backend: str, tracker) -> dict:
+    images = int(sum(r["rows"] for r in results))
+    qn = int(sum(r["quality_n"] for r in results))
+    summary = {
+        "backend": backend, "units_written": len(results), "units_skipped": skipped,
+        "images_written": images, "filtered": int(sum(r["filtered"] for r in results)),
+        "seconds": seconds, "images_per_second": images / seconds if seconds > 0 else 0.0,
+        "generator_seconds": float(sum(r["gen_seconds"] for r in results)),
+        "quality_mean_written": (sum(r["quality_sum"] for r in results) / qn) if qn else None,
+    }
+    manifest = shards.write_manifest(uri, {"config_hash": content_hash(cfg), "generator": cfg.generator.type,
+                                           "name": cfg.name, "last_run": summary})
+    summary["manifest"] = {k: manifest[k] for k in ("shards", "rows", "identities", "kinds", "quality")}
+    if tracker is not None:
+        tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
+        tracker.log_metrics({"dataset_rows": manifest["rows"], "dataset_identities": manifest["identities"]})
+        if manifest["quality"]:
+            tracker.log_metrics({f"consistency_{k}": v for k, v in manifest["quality"].items()})
+        previews = [r["preview"] for r in results][:64]
+        if previews:
+            import tempfile
+
+            import cv2
+
+            with tempfile.TemporaryDirectory() as d:
+                path = os.path.join(d, "samples.png")
+                cv2.imwrite(path, cv2.cvtColor(preview_grid(previews), cv2.COLOR_RGB2BGR))
+                tracker.log_artifact(path)
+                storage.write_bytes_atomic(storage.join(uri, "samples.png"), open(path, "rb").read())
+    return summary
+
+
+def _row_dict(row: dict) -> dict:
+    return {k: (v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else (v[0] if isinstance(v, np.ndarray) and v.shape == (1,) else v))
+            for k, v in row.items()}
+
+
+def run_local(cfg: SynthConfig, tracker=None) -> dict:
+    """The same stages in a plain loop in this process (baseline for benchmarks, and small runs)."""
+    uri, pending, units, meta = prepare_output(cfg)
+    d = _cfg_dict(cfg)
+    t0 = time.perf_counter()
+    stages = ([ContextFaceStage(d)] if cfg.contexts.source == "face_embeddings" else []) + [
+        GenerateStage(d), AlignStage(d), FinishStage(d), WriteStage(d, uri, meta)]
+    results = []
+    for row in unit_rows(cfg, units, pending):
+        batch = {k: np.asarray(v)[None] for k, v in row.items()}
+        for stage in stages:
+            batch = stage(batch)
+        results.append(_row_dict({k: v[0] if len(v) == 1 else v for k, v in batch.items()}))
+    return _finish(cfg, uri, results, time.perf_counter() - t0, len(units) - len(pending), "local", tracker)
+
+
+def build_dataset(cfg: SynthConfig, rows: list[dict], uri: str, meta: dict):
+    """Wire the stages into a Ray Dataset (lazy); each stage is a pool sized by the config."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    d = _cfg_dict(cfg)
+    g = cfg.generator
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    if cfg.contexts.source == "face_embeddings":
+        ds = ds.map_batches(ContextFaceStage, fn_constructor_kwargs={"cfg": d}, batch_size=1, num_cpus=0.5,
+                            compute=ActorPoolStrategy(min_size=1, max_size=g.max_actors))
+    ds = ds.map_batches(GenerateStage, fn_constructor_kwargs={"cfg": d}, batch_size=1,
+                        num_gpus=g.num_gpus, num_cpus=g.num_cpus,
+                        compute=ActorPoolStrategy(min_size=g.min_actors, max_size=g.max_actors))
+    if cfg.alignment.mode == "landmarks":
+        ds = ds.map_batches(AlignStage, fn_constructor_kwargs={"cfg": d}, batch_size=1, num_cpus=cfg.alignment.num_cpus,
+                            compute=ActorPoolStrategy(min_size=1, max_size=2))
+    elif cfg.alignment.mode == "resize":
+        ds = ds.map_batches(AlignStage(d), batch_size=1, num_cpus=cfg.alignment.num_cpus)
+    if cfg.quality.embedder:
+        ds = ds.map_batches(FinishStage, fn_constructor_kwargs={"cfg": d}, batch_size=1, num_cpus=0.5,
+                            compute=ActorPoolStrategy(min_size=1, max_size=2))
+    else:
+        ds = ds.map_batches(FinishStage(d), batch_size=1, num_cpus=0.25)
+    return ds.map_batches(WriteStage(d, uri, meta), batch_size=1, num_cpus=0.25)
+
+
+def run_synthesis(cfg: SynthConfig, tracker=None, progress: bool | None = None) -> dict:
+    """Run the pipeline on the current Ray (call :func:`synray.runtime.init_ray` first)."""
+    from synray.runtime import is_quiet
+
+    uri, pending, units, meta = prepare_output(cfg)
+    show = (not is_quiet(cfg.ray)) if progress is None else progress
+    t0 = time.perf_counter()
+    results: list[dict] = []
+    if pending:
+        rows = unit_rows(cfg, units, pending)
+        ds = build_dataset(cfg, rows, uri, meta)
+        bar = _progress(len(pending), len(units) - len(pending), show)
+        for row in ds.iter_rows():
+            results.append(_row_dict(row))
+            bar(len(results), int(sum(r["rows"] for r in results)), time.perf_counter() - t0)
+    return _finish(cfg, uri, results, time.perf_counter() - t0, len(units) - len(pending), "ray", tracker)
+
+
+def _progress(total: int, skipped: int, show: bool):
+    if not show:
+        return lambda *a: None
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    console.print(f"[bold]synthesis[/]: {total} units to write, {skipped} already done (skipped)")
+
+    every = max(1, total // 20)
+
+    def update(done: int, images: int, seconds: float) -> None:
+        if done % every and done != total:
+            return
+        console.print(f"  unit {done}/{total}  images {images}  {images / max(seconds, 1e-9):.1f} img/s")
+
+    return update

@@ -1,0 +1,196 @@
+"""Synthesis stages as plain callables on one work unit (no Ray here).
+
+A work unit travels as one row: its identities, contexts and, after generation, all its images. The
+Ray pipeline maps these callables over units (``batch_size=1``); the plain loop in
+:func:`synray.synthesis.pipeline.run_local` calls the very same objects, which keeps the two backends
+comparable and the stages testable without Ray.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import cv2
+import numpy as np
+
+from synray.config.synth import SynthConfig
+from synray.io import shards
+from synray.align import resize
+from synray.io.images import decode_image, encode_image
+from synray.synthesis.seeds import sample_seed
+
+Unit = dict[str, np.ndarray]
+
+
+def unbatch(batch: dict[str, Any]) -> Unit:
+    n = len(next(iter(batch.values())))
+    if n != 1:
+        raise ValueError(f"synthesis stages take one work unit per batch, got {n}")
+    return {k: np.asarray(v[0]) if not isinstance(v, list) else v[0] for k, v in batch.items()}
+
+
+def rebatch(unit: Unit) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v)[None] for k, v in unit.items()}
+
+
+class ContextFaceStage:
+    """ADMIS context-enhanced sampling: contexts are FR embeddings of the unit's context faces."""
+
+    def __init__(self, cfg: dict):
+        from synray.synthesis.embedders import Embedder
+
+        self.cfg = SynthConfig.model_validate(cfg)
+        self.embedder = Embedder(self.cfg.contexts.embedder)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        unit = unbatch(batch)
+        emb = self.embedder.embed(unit["context_faces"])
+        if emb.shape[1] != self.cfg.contexts.dim:
+            raise ValueError(f"embedder {self.embedder.spec} gives {emb.shape[1]}-d embeddings; contexts.dim is {self.cfg.contexts.dim}")
+        unit["contexts"] = emb.astype(np.float32)
+        return rebatch(unit)
+
+
+class GenerateStage:
+    """Loads the generator once (per actor) and renders every image of a unit."""
+
+    def __init__(self, cfg: dict):
+        from synray.synthesis.generators import build_generator
+
+        self.cfg = SynthConfig.model_validate(cfg)
+        self.generator = build_generator(self.cfg)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        unit = unbatch(batch)
+        n = self.cfg.generator.images_per_identity
+        ids = unit["ids"].astype(np.int64)
+        t0 = time.perf_counter()
+        images = self.generator.generate(ids, unit["contexts"], np.full(len(ids), n))
+        unit["gen_seconds"] = np.float64(time.perf_counter() - t0)
+        unit["images"] = images
+        unit["identity"] = np.repeat(ids, n)
+        unit["sample"] = np.tile(np.arange(n, dtype=np.int32), len(ids))
+        unit["seed"] = np.array([sample_seed(self.cfg.seed, i, s) for i, s in zip(unit["identity"], unit["sample"])], np.int64)
+        unit["identity_b"] = np.repeat(unit["partner"].astype(np.int64), n)
+        unit["mix_weight"] = np.repeat(unit["weight"].astype(np.float32), n)
+        return rebatch(unit)
+
+
+class AlignStage:
+    """Resize-only (ADMIS/UIFace), 5-point similarity alignment with a landmark detector, or none."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = SynthConfig.model_validate(cfg)
+        self.detector = None
+        if self.cfg.alignment.mode == "landmarks":
+            from synray.synthesis.detectors import build_detector
+
+            self.detector = build_detector(self.cfg.alignment.detector)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        unit = unbatch(batch)
+        a = self.cfg.alignment
+        images = unit["images"]
+        if a.mode == "resize":
+            images = resize(images, a.size)
+        elif a.mode == "landmarks":
+            from synray.synthesis.detectors import align_faces
+
+            images, found = align_faces(self.detector, images, a.size)
+            unit["aligned"] = found
+        unit["images"] = images
+        return rebatch(unit)
+
+
+class FinishStage:
+    """ID augmentation (context face repeated k times, ``kind=context``), consistency scores, filtering."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = SynthConfig.model_validate(cfg)
+        self.embedder = None
+        if self.cfg.quality.embedder:
+            from synray.synthesis.embedders import Embedder
+
+            self.embedder = Embedder(self.cfg.quality.embedder)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        unit = unbatch(batch)
+        n = len(unit["identity"])
+        kinds = np.array(["generated"] * n, dtype=object)
+        reps = self.cfg.augment.context_repeats
+        if reps:
+            faces = resize(unit["context_faces"], self.cfg.alignment.size)
+            ids = unit["ids"].astype(np.int64)
+            m = len(ids) * reps
+            unit["images"] = np.concatenate([unit["images"], np.repeat(faces, reps, axis=0)])
+            unit["identity"] = np.concatenate([unit["identity"], np.repeat(ids, reps)])
+            unit["sample"] = np.concatenate([unit["sample"], np.tile(np.arange(reps, dtype=np.int32), len(ids)) + 10**6])
+            unit["seed"] = np.concatenate([unit["seed"], np.full(m, -1, np.int64)])
+            unit["identity_b"] = np.concatenate([unit["identity_b"], np.full(m, -1, np.int64)])
+            unit["mix_weight"] = np.concatenate([unit["mix_weight"], np.ones(m, np.float32)])
+            kinds = np.concatenate([kinds, np.array(["context"] * m, dtype=object)])
+        quality = np.full(len(unit["identity"]), np.nan, np.float32)
+        if self.embedder is not None:
+            from synray.synthesis.embedders import consistency
+
+            emb = self.embedder.embed(unit["images"])
+            anchors = None
+            if self.cfg.contexts.source == "face_embeddings" and self.cfg.contexts.embedder == self.cfg.quality.embedder:
+                anchors = {int(i): c for i, c in zip(unit["ids"], unit["contexts"])}
+            quality = consistency(emb, unit["identity"], anchors)
+        keep = np.ones(len(quality), bool)
+        if self.cfg.quality.threshold is not None and self.embedder is not None:
+            keep = quality >= self.cfg.quality.threshold
+        unit["filtered"] = np.int64((~keep).sum())
+        for k in ("images", "identity", "sample", "seed", "identity_b", "mix_weight"):
+            unit[k] = unit[k][keep]
+        unit["quality"] = quality[keep]
+        unit["kind"] = kinds[keep].astype(str)
+        return rebatch(unit)
+
+
+class WriteStage:
+    """Encode and publish the unit's shard atomically; returns a small summary row (no pixels)."""
+
+    def __init__(self, cfg: dict, dataset_uri: str, metadata: dict):
+        self.cfg = SynthConfig.model_validate(cfg)
+        self.uri, self.metadata = dataset_uri, metadata
+        self.fmt = "." + self.cfg.image_format
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        unit = unbatch(batch)
+        images = unit["images"]
+        t0 = time.perf_counter()
+        cols = {
+            "image": [encode_image(im, self.fmt) for im in images],
+            "identity": unit["identity"], "sample": unit["sample"], "kind": list(unit["kind"]),
+            "seed": unit["seed"], "height": np.full(len(images), images.shape[1] if len(images) else 0, np.int32),
+            "width": np.full(len(images), images.shape[2] if len(images) else 0, np.int32),
+            "quality": unit["quality"], "identity_b": unit["identity_b"], "mix_weight": unit["mix_weight"],
+        }
+        shards.write_shard(self.uri, int(unit["unit"]), cols, self.metadata)
+        q = unit["quality"]
+        return {
+            "unit": np.array([int(unit["unit"])]), "rows": np.array([len(images)]),
+            "identities": np.array([len(unit["ids"])]), "filtered": np.array([int(unit.get("filtered", 0))]),
+            "gen_seconds": np.array([float(unit.get("gen_seconds", 0.0))]),
+            "write_seconds": np.array([time.perf_counter() - t0]),
+            "quality_sum": np.array([float(np.nansum(q))]), "quality_n": np.array([int(np.isfinite(q).sum())]),
+            "preview": np.array([encode_image(images[0], ".png") if len(images) else b""], dtype=object),
+        }
+
+
+def preview_grid(previews: list[bytes], cols: int = 8) -> np.ndarray:
+    """One tile per unit (its first image) in a grid, for the MLflow sample-grid artifact."""
+    tiles = [decode_image(p) for p in previews if p]
+    if not tiles:
+        return np.zeros((8, 8, 3), np.uint8)
+    h, w = tiles[0].shape[:2]
+    tiles = [cv2.resize(t, (w, h)) if t.shape[:2] != (h, w) else t for t in tiles]
+    rows = (len(tiles) + cols - 1) // cols
+    grid = np.zeros((rows * h, min(cols, len(tiles)) * w, 3), np.uint8)
+    for k, t in enumerate(tiles):
+        r, c = divmod(k, cols)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = t
+    return grid
