@@ -275,3 +275,20 @@ def test_eval_command_end_to_end(tmp_path, capsys):
     assert command.run(args) == 2
     err = capsys.readouterr().err
     assert "does not match" in err and "tinyfar_b" not in out
+
+
+def test_eval_command_on_a_synray_checkpoint(tmp_path, capsys):
+    """A synray checkpoint names its own architecture: no --backbone needed; a plain state dict is refused clearly."""
+    from synray.models.export import save_backbone
+    from synray.models.registry import build_backbone
+
+    _write_set(tmp_path / "lfw.bin")
+    kw = {"layers": (1, 1, 1, 1), "widths": (8, 16, 16, 32), "embedding_dim": 32}
+    save_backbone(tmp_path / "student.pt", "iresnet18", build_backbone("iresnet18", **kw), kw)
+    args = _parser().parse_args(["eval", "--checkpoint", str(tmp_path / "student.pt"), "--bins", str(tmp_path / "lfw.bin")])
+    assert command.run(args) == 0
+    assert any(line.startswith("lfw") for line in capsys.readouterr().out.splitlines())
+    torch.save(build_backbone("iresnet18", **kw).state_dict(), tmp_path / "plain.pth")
+    args = _parser().parse_args(["eval", "--checkpoint", str(tmp_path / "plain.pth"), "--bins", str(tmp_path / "lfw.bin")])
+    assert command.run(args) == 2
+    assert "not a synray backbone checkpoint" in capsys.readouterr().err

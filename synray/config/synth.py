@@ -123,5 +123,7 @@ class SynthConfig(StrictModel):
     augment: AugmentConfig = AugmentConfig()
     quality: QualityConfig = QualityConfig()
     image_format: Literal["png", "jpg"] = "png"
+    #: ``kind`` recorded for generated images: ``real`` when a generator stands in for real data (the world's real split)
+    label_kind: Literal["generated", "real"] = "generated"
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()

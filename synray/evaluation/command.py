@@ -3,6 +3,7 @@
 Example:
 
     synray eval --backbone iresnet50 --checkpoint backbone.pth --bins data/val/
+    synray eval --checkpoint outputs/train/backbone.pt --bins outputs/world-bins/   # a synray checkpoint
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "eval", help="10-fold verification accuracy on .bin sets (LFW, CFP-FP, AgeDB-30, ...)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--backbone", required=True, metavar="NAME", help="backbone registry name, e.g. iresnet50, tface_ir50, tinyfar_a")
+    p.add_argument("--backbone", metavar="NAME",
+                   help="backbone registry name for published weights, e.g. iresnet50, tface_ir50, tinyfar_a"
+                        " (omit for checkpoints written by synray, which name their architecture)")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="state dict (loaded strictly, weights only)")
     p.add_argument("--bins", required=True, nargs="+", metavar="DIR_OR_FILE", help=".bin files or folders holding them")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
@@ -35,13 +38,15 @@ def run(args: argparse.Namespace) -> int:
     from synray.evaluation.binset import BinSetError
     from synray.evaluation.evaluate import evaluate_bins, format_table
     from synray.models.checkpoint import CheckpointError
+    from synray.models.export import load_exported_backbone
     from synray.models.registry import load_backbone
 
     if args.batch_size < 1:
         print(f"synray eval: --batch-size must be positive, got {args.batch_size}", file=sys.stderr)
         return 2
     try:
-        model = load_backbone(args.backbone, args.checkpoint)
+        model = (load_backbone(args.backbone, args.checkpoint) if args.backbone
+                 else load_exported_backbone(args.checkpoint))
         results = evaluate_bins(
             model, args.bins, batch_size=args.batch_size, flip=not args.no_flip, bgr=args.bgr,
             image_size=tuple(args.image_size) if args.image_size else None,

@@ -117,7 +117,7 @@ class FinishStage:
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
         unit = unbatch(batch)
         n = len(unit["identity"])
-        kinds = np.array(["generated"] * n, dtype=object)
+        kinds = np.array([self.cfg.label_kind] * n, dtype=object)
         reps = self.cfg.augment.context_repeats
         if reps:
             faces = resize(unit["context_faces"], self.cfg.alignment.size)
