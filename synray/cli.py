@@ -9,8 +9,12 @@ import sys
 #: subcommand modules; each exposes ``register(subparsers)`` that sets ``func`` on its parser.
 COMMANDS = (
     "synray.commands.config_cmd",
+    "synray.commands.quickstart",
     "synray.evaluation.command",
     "synray.synthesis.command",
+    "synray.distill.command",
+    "synray.training.ldm_command",
+    "synray.tuning.command",
 )
 
 

@@ -106,6 +106,8 @@ def job_run(
 
     uri = resolve_tracking_uri(tracking, workdir)
     exp_id = ensure_experiment(uri, tracking.experiment)
+    # A job started inside another job's run (quickstart, sweeps) becomes its child run.
+    nested = nested or mlflow.active_run() is not None
     with mlflow.start_run(experiment_id=exp_id, run_name=tracking.run_name or job, nested=nested) as run:
         tracker = Tracker(run)
         tracker.set_tags({"synray.job": job, **(tags or {})})

@@ -14,6 +14,10 @@ from synray.config.base import ConfigError, apply_overrides, read_yaml, validate
 JOB_KINDS: dict[str, str] = {
     "synth": "synray.config.synth:SynthConfig",
     "train": "synray.config.train:TrainConfig",
+    "distill": "synray.config.distill:DistillConfig",
+    "train_ldm": "synray.config.ldm:LDMConfig",
+    "sweep": "synray.config.sweep:SweepConfig",
+    "quickstart": "synray.config.quickstart:QuickstartConfig",
 }
 
 

@@ -1,0 +1,49 @@
+"""Quickstart config (``kind: quickstart``): the papers' protocol on the built-in world.
+
+Each stage is an ordinary synray job config from ``conf/`` plus overrides, so what the quickstart runs
+is exactly what a user would run by hand.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from synray.config.base import StrictModel, TrackingConfig
+
+
+class WorldSplitConfig(StrictModel):
+    seed: int = Field(0, ge=0)
+    difficulty: float | None = Field(None, ge=0.0)  # None: the world's calibrated default
+    train_identities: int = Field(200, ge=2)
+    images_per_identity: int = Field(16, ge=2)
+    verification_pairs: int = Field(1000, ge=20)
+
+
+class StageConfig(StrictModel):
+    """A job config file and the overrides the quickstart applies to it."""
+
+    config: str
+    overrides: list[str] = Field(default_factory=list)
+
+
+class QuickstartConfig(StrictModel):
+    kind: Literal["quickstart"] = "quickstart"
+    output: str = "outputs/quickstart"
+    world: WorldSplitConfig = WorldSplitConfig()
+    #: folder with the shipped world teacher + LDM (``synray quickstart --rebuild-assets`` writes it)
+    assets: str | None = None
+    synth_identities: int = Field(200, ge=2)
+    synth_images_per_identity: int = Field(16, ge=2)
+    #: training lengths (applied on top of the stage configs)
+    teacher_epochs: int = Field(8, ge=1)
+    student_epochs: int = Field(6, ge=1)
+    ldm_steps: int = Field(2000, ge=1)
+    vq_fit_steps: int = Field(300, ge=1)
+    real: StageConfig = StageConfig(config="conf/synth/world.yaml")
+    synth: StageConfig = StageConfig(config="conf/synth/admis.yaml")
+    student: StageConfig = StageConfig(config="conf/train/world_tiny.yaml")
+    teacher: StageConfig = StageConfig(config="conf/train/world_tiny.yaml")
+    ldm: StageConfig = StageConfig(config="conf/ldm/world_tiny.yaml")
+    tracking: TrackingConfig = TrackingConfig(experiment="synray-quickstart")

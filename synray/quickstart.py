@@ -1,0 +1,214 @@
+"""The papers' protocol on the built-in world, end to end on local Ray.
+
+world "real" split -> (teacher FR, identity-conditioned LDM: shipped, or rebuilt with ``--rebuild-assets``)
+-> contexts = teacher embeddings of novel identities' faces -> LDM synthesis through the Ray Data
+pipeline -> student trained with Ray Train on the synthetic set, and the same student on the real split
+as the baseline -> verification on held-out world identities.
+
+Every stage is a normal synray job (``conf/`` file + overrides), run through the same functions as
+``synray synth`` / ``synray train`` / ``synray train-ldm``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from importlib import resources
+from typing import Any
+
+from synray.config.jobs import load_job_config
+from synray.config.quickstart import QuickstartConfig
+
+ASSET_FILES = ("teacher.pt", "generator.json", "unet.ckpt", "vq_decoder.pt")
+#: ``--tiny``: CI-sized (about 3 minutes on 2 cores)
+TINY = ["world.train_identities=48", "world.images_per_identity=8", "world.verification_pairs=300",
+        "synth_identities=48", "synth_images_per_identity=8", "teacher_epochs=4", "student_epochs=4",
+        "ldm_steps=300", "vq_fit_steps=60"]
+
+
+def packaged_assets() -> str:
+    return str(resources.files("synray") / "assets" / "world")
+
+
+def _root(path: str) -> str:
+    """Config paths in the quickstart are relative to the repository (or absolute)."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+    return here if os.path.exists(here) else path
+
+
+def _stage(stage, *overrides: str):
+    return load_job_config(_root(stage.config), [*stage.overrides, *overrides])
+
+
+def world_difficulty(cfg: QuickstartConfig) -> float:
+    from synray.world.world import DEFAULT_DIFFICULTY
+
+    return DEFAULT_DIFFICULTY if cfg.world.difficulty is None else cfg.world.difficulty
+
+
+def make_real_split(cfg: QuickstartConfig, tracking: list[str]) -> tuple[str, str, dict]:
+    """World "real" data: training shards (kind=real) and held-out verification ``.bin`` sets."""
+    from synray.synthesis.pipeline import run_synthesis
+    from synray.world.world import World
+
+    w = cfg.world
+    bins = os.path.join(cfg.output, "bins")
+    if not os.path.exists(os.path.join(bins, ".done")):
+        World(seed=w.seed, num_identities=w.train_identities, difficulty=world_difficulty(cfg)).write_verification_bins(
+            bins, num_pairs=w.verification_pairs, seed=w.seed)
+        open(os.path.join(bins, ".done"), "w").close()
+    real_uri = os.path.join(cfg.output, "real")
+    real = _stage(cfg.real, f"output.uri={real_uri}", f"seed={w.seed}", "generator.type=world",
+                  f"generator.world_difficulty={world_difficulty(cfg)}", f"identities.count={w.train_identities}",
+                  f"identities.unit_size={min(64, w.train_identities)}", f"generator.images_per_identity={w.images_per_identity}",
+                  "alignment.mode=none", "label_kind=real", "contexts.source=gaussian", "augment.context_repeats=0",
+                  "quality.embedder=null", *tracking)
+    return real_uri, bins, run_synthesis(real)
+
+
+def train_student(cfg: QuickstartConfig, name: str, data: str, bins: str, tracking: list[str]):
+    from synray.training.recognition import run_training
+
+    job = _stage(cfg.student, f"name={name}", f"epochs={cfg.student_epochs}", f"data.train={data}", f"eval.bins=[{bins}]",
+                 f"output.uri={os.path.join(cfg.output, 'students')}", *tracking)
+    return run_training(job)
+
+
+def build_assets(cfg: QuickstartConfig, real_uri: str, bins: str, dest: str, tracking: list[str]) -> dict[str, Any]:
+    """Train the world teacher (``synray train``) and the LDM (``synray train-ldm``) and copy them to ``dest``."""
+    from synray.io import storage
+    from synray.training.ldm import run_train_ldm
+    from synray.training.recognition import run_training
+
+    work = os.path.join(cfg.output, "assets-build")
+    teacher = run_training(_stage(cfg.teacher, "name=teacher", f"epochs={cfg.teacher_epochs}", f"data.train={real_uri}", f"eval.bins=[{bins}]",
+                                  f"output.uri={work}", *tracking))
+    teacher_path = os.path.join(teacher.output_uri, "final", "model.pt")
+    ldm = run_train_ldm(_stage(cfg.ldm, "name=ldm", f"training.steps={cfg.ldm_steps}",
+                               f"training.checkpoint_every={max(1, cfg.ldm_steps // 2)}",
+                               f"vq.fit.steps={cfg.vq_fit_steps}", "data.source=shards", f"data.path={real_uri}",
+                               "contexts.source=embedder", f"contexts.embedder={teacher_path}", f"output.uri={work}",
+                               *tracking))
+    os.makedirs(dest, exist_ok=True)
+    gen = dict(ldm.generator)
+    shutil.copyfile(teacher_path, os.path.join(dest, "teacher.pt"))
+    for key, name in (("unet", "unet.ckpt"), ("vq_decoder", "vq_decoder.pt")):
+        with open(os.path.join(dest, name), "wb") as fh:
+            fh.write(storage.read_bytes(gen[key]))
+        gen[key] = name
+    meta = {"generator": gen, "teacher": "teacher.pt",
+            "teacher_verification": teacher.verification, "ldm_metrics": ldm.metrics,
+            "made_by": "synray quickstart --rebuild-assets", "world": cfg.world.model_dump()}
+    with open(os.path.join(dest, "generator.json"), "w") as fh:
+        json.dump(meta, fh, indent=2, default=str)
+    return meta
+
+
+def has_assets(folder: str) -> bool:
+    return all(os.path.exists(os.path.join(folder, f)) for f in ASSET_FILES)
+
+
+def load_assets(folder: str) -> dict[str, Any]:
+    missing = [f for f in ASSET_FILES if not os.path.exists(os.path.join(folder, f))]
+    if missing:
+        raise FileNotFoundError(f"quickstart assets missing in {folder}: {missing}; run `synray quickstart --rebuild-assets`")
+    with open(os.path.join(folder, "generator.json")) as fh:
+        meta = json.load(fh)
+    gen = dict(meta["generator"])
+    for key in ("unet", "vq_decoder"):
+        gen[key] = os.path.join(folder, gen[key])
+    return {"generator": gen, "teacher": os.path.join(folder, meta["teacher"]), "meta": meta}
+
+
+def synthesize(cfg: QuickstartConfig, assets: dict[str, Any], tracking: list[str]) -> tuple[str, dict]:
+    """ADMIS-style context-enhanced synthesis with the world LDM for identities no model has seen."""
+    from synray.synthesis.pipeline import run_synthesis
+
+    gen = assets["generator"]
+    start = ((cfg.world.train_identities + 63) // 64) * 64  # novel identities, unit-aligned
+    uri = os.path.join(cfg.output, "synthetic")
+    job = _stage(cfg.synth, f"output.uri={uri}", f"seed={cfg.world.seed}", f"identities.start={start}",
+                 f"identities.count={cfg.synth_identities}", "identities.unit_size=64",
+                 f"generator.images_per_identity={cfg.synth_images_per_identity}", "generator.type=ldm",
+                 f"generator.unet={gen['unet']}", f"generator.vq_decoder={gen['vq_decoder']}",
+                 f"generator.vq_config={json.dumps(gen['vq_config'])}", f"generator.latent_shape={json.dumps(gen['latent_shape'])}",
+                 "generator.num_gpus=0", "generator.batch_size=64", f"generator.world_difficulty={world_difficulty(cfg)}",
+                 "contexts.source=face_embeddings", "contexts.path=null", f"contexts.embedder={assets['teacher']}",
+                 f"quality.embedder={assets['teacher']}", "augment.context_repeats=0",
+                 "alignment.mode=none",  # the world LDM decodes aligned faces; the student resizes
+                 *tracking)
+    return uri, run_synthesis(job)
+
+
+def results_table(real, synthetic, synth_summary: dict) -> str:
+    sets = [k for k in (real.verification or {}) if k != "average"]
+    head = f"{'training data':<22}" + "".join(f"{s:>16}" for s in sets) + f"{'average':>10}"
+    lines = [head, "-" * len(head)]
+    for label, outcome in (("real (baseline)", real), ("synthetic (LDM)", synthetic)):
+        v = outcome.verification or {}
+        lines.append(f"{label:<22}" + "".join(f"{100 * v[s]['accuracy']:>15.2f}%" if v.get(s) else f"{'n/a':>16}" for s in sets)
+                     + (f"{100 * v['average']['accuracy']:>9.2f}%" if "average" in v else f"{'n/a':>10}"))
+    lines.append("")
+    lines.append(f"synthetic images generated: {synth_summary['images_written']}  "
+                 f"({synth_summary['images_per_second']:.1f} images/s end to end)")
+    return "\n".join(lines)
+
+
+def distill_real_assets(cfg: QuickstartConfig, bins: str, tracking: list[str]) -> dict[str, Any]:
+    """SynthDistill with real offline assets: the DigiFace DCGAN in the loop, dlib's ResNet as the teacher."""
+    from synray.distill.loop import run_distill
+
+    job = load_job_config(_root("conf/distill/dcgan_dlib.yaml"), [
+        f"output.uri={os.path.join(cfg.output, 'distill')}", f"eval.bins=[{bins}]",
+        "iterations_per_epoch=20", "epochs=3", "batch_size=32", *tracking])
+    outcome = run_distill(job)
+    return {"metrics": outcome.metrics, "verification": outcome.verification, "student": outcome.student_uri}
+
+
+def run_quickstart(cfg: QuickstartConfig, rebuild_assets: bool = False, distill: bool = False) -> dict[str, Any]:
+    from synray.runtime import init_ray
+    from synray.tracking import job_run, mlflow_ui_hint, resolve_tracking_uri
+
+    t0 = time.perf_counter()
+    os.makedirs(cfg.output, exist_ok=True)
+    uri = resolve_tracking_uri(cfg.tracking)
+    tracking = [f"tracking.uri={uri}", f"tracking.experiment={cfg.tracking.experiment}", f"tracking.enabled={str(cfg.tracking.enabled).lower()}"]
+    with job_run(cfg, "quickstart") as tracker:
+        init_ray()
+        real_uri, bins, real_summary = make_real_split(cfg, tracking)
+        folder = cfg.assets or packaged_assets()
+        if not rebuild_assets and not cfg.assets and not has_assets(folder):
+            # no shipped checkpoints in this install: build them once into the output folder and reuse them
+            folder = os.path.join(cfg.output, "assets")
+            rebuild_assets = not has_assets(folder)
+        if rebuild_assets:
+            build_assets(cfg, real_uri, bins, folder, tracking)
+        assets = load_assets(folder)
+        synth_uri, synth_summary = synthesize(cfg, assets, tracking)
+        synthetic = train_student(cfg, "student_synthetic", synth_uri, bins, tracking)
+        real = train_student(cfg, "student_real", real_uri, bins, tracking)
+        table = results_table(real, synthetic, synth_summary)
+        result = {
+            "table": table,
+            "real": real.verification, "synthetic": synthetic.verification,
+            "images_generated": synth_summary["images_written"], "images_per_second": synth_summary["images_per_second"],
+            "seconds": time.perf_counter() - t0, "mlflow": uri,
+        }
+        if distill:
+            result["distill"] = distill_real_assets(cfg, bins, tracking)
+        tracker.log_text(table, "results.txt")
+        for label, v in (("real", real.verification), ("synthetic", synthetic.verification)):
+            tracker.log_metrics({f"{label}/{k}": x["accuracy"] for k, x in (v or {}).items()})
+        tracker.log_metrics({"images_generated": result["images_generated"], "images_per_second": result["images_per_second"],
+                             "seconds": result["seconds"]})
+        grid = os.path.join(synth_uri, "samples.png")
+        if os.path.exists(grid):
+            tracker.log_artifact(grid)
+        with open(os.path.join(cfg.output, "results.json"), "w") as fh:
+            json.dump(result, fh, indent=2, default=str)
+    result["hint"] = mlflow_ui_hint(uri)
+    return result

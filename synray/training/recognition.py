@@ -1,0 +1,634 @@
+"""Face-recognition training on Ray Train: shards -> Ray Data -> DDP backbone + sharded margin head.
+
+The pieces, top to bottom:
+
+* :func:`plan_training` (driver, no Ray): reads the shard footers, fixes the class space (synthetic
+  identities, then the real-labelled ones of domain mixup) and the image size.
+* :class:`Learner` (plain torch): backbone, class-centre shard (:class:`ShardedClassifier`),
+  optimisers, LR schedule, AMP, and :meth:`Learner.step`, which applies SynFace mixups and CFSM
+  before the optimiser step. It works without Ray (one process) and under DDP.
+* :func:`train_loop_per_worker` (Ray Train worker): builds a :class:`Learner`, restores the last
+  checkpoint, iterates this worker's Ray Data shard, evaluates on rank 0 and reports metrics plus a
+  checkpoint every epoch (and every ``checkpoint.every_steps`` steps).
+* :func:`run_training` (driver): Ray Data pipelines, ``TorchTrainer`` with ``FailureConfig`` and the
+  run name that makes a re-run resume, an MLflow run fed by a controller callback, the final table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from synray.config.base import config_hash
+from synray.config.train import TrainConfig
+from synray.models.heads import build_head
+from synray.models.registry import build_backbone, normalize_images
+from synray.training import schedules
+from synray.training.cfsm_aug import adversarial_styles, real_synth_indices
+from synray.training.checkpointing import CheckpointReader, TrainingMeta, run_storage, write_rank_files
+from synray.training.data import DataError, DatasetInfo, dataset_info
+from synray.training.mixup import SYNFACE_LAMBDAS, Target, mix_images, sample_lambda, synface_targets
+from synray.training.partial_fc import ShardedClassifier, class_split
+
+__all__ = [
+    "TrainPlan", "plan_training", "learning_rate", "Learner", "train_loop_per_worker", "run_training", "TrainOutcome",
+    "raw_embedding",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# planning (driver side, no Ray)
+
+
+@dataclass
+class TrainPlan:
+    """Facts fixed before training starts, shipped to every worker."""
+
+    train_rows: int
+    num_syn_classes: int
+    num_real_classes: int
+    real_rows: int
+    image_size: tuple[int, int]
+    embedding_size: int
+    config_hash: str
+
+    @property
+    def num_classes(self) -> int:
+        return self.num_syn_classes + self.num_real_classes
+
+    def steps_per_epoch(self, batch_size: int, world_size: int) -> int:
+        """Equal split (``streaming_split(equal=True)``) then whole per-worker batches."""
+        return (self.train_rows // world_size) // (batch_size // world_size)
+
+
+def _model_facts(cfg: TrainConfig) -> tuple[tuple[int, int], int]:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        model = build_backbone(cfg.backbone.name, **cfg.backbone.kwargs)
+    size = tuple(getattr(model, "input_size", (112, 112)))
+    return (int(size[0]), int(size[1])), int(getattr(model, "embedding_dim", 512))
+
+
+def plan_training(cfg: TrainConfig) -> tuple[TrainPlan, DatasetInfo, DatasetInfo | None]:
+    """Check the data against the config and fix the class space; errors name the problem."""
+    train = dataset_info(cfg.data.train)
+    real = dataset_info(cfg.mixup.domain.real) if cfg.mixup.domain.enabled else None
+    size, emb = _model_facts(cfg)
+    if cfg.data.image_size is not None and tuple(cfg.data.image_size) != size:
+        raise DataError(f"data.image_size {tuple(cfg.data.image_size)} differs from the backbone's input_size {size}")
+    plan = TrainPlan(
+        train_rows=train.rows, num_syn_classes=train.num_classes, num_real_classes=real.num_classes if real else 0,
+        real_rows=real.rows if real else 0, image_size=size, embedding_size=emb,
+        config_hash=config_hash(cfg, exclude={"epochs", "scaling", "fault_injection", "tracking", "ray", "eval"}),
+    )
+    workers = cfg.scaling.max_workers
+    per_worker = cfg.batch_size // workers
+    if plan.num_classes < workers:
+        raise DataError(f"{plan.num_classes} classes cannot be sharded over {workers} workers")
+    if plan.steps_per_epoch(cfg.batch_size, workers) < 1:
+        raise DataError(
+            f"dataset {train.uri} has {train.rows} rows: not one batch of {per_worker} per worker for {workers} workers"
+        )
+    if real is not None and real.rows // workers < per_worker:
+        raise DataError(
+            f"real dataset {real.uri} has {real.rows} rows: fewer than one batch of {per_worker} per worker for domain mixup"
+        )
+    return plan, train, real
+
+
+# --------------------------------------------------------------------------------------------
+# learning rate
+
+
+def learning_rate(cfg: TrainConfig, epoch: int, step_in_epoch: int, global_step: int, steps_per_epoch: int,
+                  _cache: dict | None = None) -> float:
+    """LR in force for the optimiser step ``global_step`` (epoch ``epoch``, ``step_in_epoch``)."""
+    s, base = cfg.schedule, cfg.optimizer.lr
+    warmup = s.warmup_steps + int(round(s.warmup_epochs * steps_per_epoch))
+    total = cfg.epochs * steps_per_epoch
+    if s.name == "constant":
+        return base if warmup == 0 or global_step > warmup else base * global_step / warmup
+    if s.name == "step":
+        lrs = s.lrs or [float(f"{base * s.gamma**k:.12g}") for k in range(len(s.milestones) + 1)]  # 0.1·0.1 -> 0.01
+        return schedules.tface_lr(epoch, step_in_epoch, steps_per_epoch, lrs, s.milestones, warmup)
+    if s.name == "elasticface":
+        return base * schedules.elasticface_multiplier(epoch, s.milestones)
+    if s.name == "poly":
+        return schedules.poly_lr(min(global_step, total - 1), base, warmup, total, s.power or 2.0)
+    # poly_warmup: insightface's multiplicative recurrence, evaluated once and cached
+    key = ("poly_warmup", base, warmup, total, s.power)
+    cache = _cache if _cache is not None else {}
+    if key not in cache:
+        cache.clear()
+        cache[key] = schedules.polynomial_lr_warmup(base, warmup, total, total, s.power or 1.0)
+    lrs = cache[key]
+    return lrs[min(global_step, len(lrs) - 1)]
+
+
+# --------------------------------------------------------------------------------------------
+# the learner (plain torch)
+
+
+def raw_embedding(out: Any) -> Tensor:
+    """A backbone's raw embedding; AdaFace-style ``(x/|x|, |x|)`` outputs are multiplied back."""
+    if isinstance(out, (tuple, list)):
+        return out[0] * out[1].reshape(-1, 1)
+    return out
+
+
+def _param_groups(model: nn.Module, weight_decay: float, no_decay_bn: bool) -> list[dict]:
+    if not no_decay_bn:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    bn, rest = [], []
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            if p.requires_grad:
+                (bn if isinstance(m, nn.modules.batchnorm._BatchNorm) else rest).append(p)
+    return [{"params": rest, "weight_decay": weight_decay}, {"params": bn, "weight_decay": 0.0}]
+
+
+def _optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+    return torch.optim.AdamW(groups, lr=o.lr)
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] & ((1 << 62) - 1))
+
+
+@dataclass
+class StepResult:
+    loss: float
+    correct: int
+    rows: int
+    lr: float
+    lam: float = 1.0
+
+
+@dataclass
+class EpochStats:
+    loss_sum: float = 0.0
+    steps: int = 0
+    correct: int = 0
+    rows: int = 0
+    images: int = 0
+    seconds: float = 0.0
+    lr: float = float("nan")
+
+    def add(self, r: StepResult, images: int) -> None:
+        self.lr = r.lr
+        self.loss_sum += r.loss
+        self.steps += 1
+        self.correct += r.correct
+        self.rows += r.rows
+        self.images += images
+
+
+class Learner:
+    """Backbone + class-centre shard + optimisers for one worker (``rank`` of ``world_size``).
+
+    ``wrap`` turns the backbone into its data-parallel form (``ray.train.torch.prepare_model``);
+    without it the learner trains in one process, which is what the unit tests use.
+    """
+
+    def __init__(self, cfg: TrainConfig, plan: TrainPlan, rank: int = 0, world_size: int = 1,
+                 device: torch.device | str = "cpu", wrap=None) -> None:
+        self.cfg, self.plan, self.rank, self.world_size = cfg, plan, rank, world_size
+        self.device = torch.device(device)
+        torch.manual_seed(cfg.seed)  # the same backbone on every rank
+        backbone = build_backbone(cfg.backbone.name, **cfg.backbone.kwargs)
+        self.start, count = class_split(plan.num_classes, world_size, rank)
+        torch.manual_seed(_seed(cfg.seed, 1, self.start))  # centres depend on their classes, not the rank
+        head = build_head(cfg.head.name, plan.embedding_size, count, **cfg.head.kwargs)
+        self.classifier = ShardedClassifier(head, plan.num_classes, self.start, cfg.partial_fc.sample_rate,
+                                            grad_scale=float(world_size), seed=cfg.seed).to(self.device)
+        backbone.to(self.device)
+        self.backbone_module = backbone
+        self.backbone = wrap(backbone) if wrap is not None else backbone
+        o = cfg.optimizer
+        self.opt_backbone = _optimizer(cfg, _param_groups(backbone, o.weight_decay, o.no_decay_bn))
+        self.opt_head = _optimizer(cfg, [{"params": list(head.parameters()), "weight_decay": o.weight_decay}])
+        self.amp = bool(cfg.scaling.amp if cfg.scaling.amp is not None else self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.device.type == "cuda")
+        self.generator = self._load_generator() if cfg.cfsm.enabled else None
+        self.lambdas = tuple(cfg.mixup.domain.lambdas or SYNFACE_LAMBDAS)
+        self._lr_cache: dict = {}
+
+    @property
+    def head(self) -> nn.Module:
+        return self.classifier.head
+
+    def _load_generator(self) -> nn.Module:
+        from synray.io import storage
+        from synray.models.cfsm import load_generator
+
+        uri = self.cfg.cfsm.checkpoint
+        if not storage.is_s3(uri):
+            return load_generator(uri, freeze=True, **self.cfg.cfsm.generator).to(self.device)
+        with tempfile.TemporaryDirectory() as d:  # stage a remote checkpoint through a local file
+            path = os.path.join(d, os.path.basename(uri))
+            with open(path, "wb") as fh:
+                fh.write(storage.read_bytes(uri))
+            return load_generator(path, freeze=True, **self.cfg.cfsm.generator).to(self.device)
+
+    # -- one optimiser step -------------------------------------------------------------------
+    def _embed(self, module: nn.Module, x: Tensor) -> Tensor:
+        with torch.autocast(self.device.type, enabled=self.amp):
+            out = module(x)
+        return raw_embedding(out).float()
+
+    def targets_for(self, batch: Mapping[str, Tensor], real_label: Tensor | None = None, lam: float = 1.0) -> list[Target]:
+        label = batch["label"].to(self.device)
+        if self.cfg.mixup.identity:
+            return synface_targets(label, batch["weight_a"].to(self.device), batch["label_b"].to(self.device), real_label, lam)
+        return synface_targets(label, real_label=real_label, lam=lam)
+
+    def step(self, batch: Mapping[str, Tensor], global_step: int, lr: float, real: Mapping[str, Tensor] | None = None) -> StepResult:
+        """One optimiser step on a worker's batch (uint8 NCHW ``image``, ``label``, soft-label columns)."""
+        cfg = self.cfg
+        self.backbone.train()
+        x = normalize_images(self.backbone_module, batch["image"].to(self.device, non_blocking=True))
+        rng = np.random.default_rng(_seed(cfg.seed, 2, global_step, self.rank))
+        lam = 1.0
+        real_label = None
+        if real is not None:
+            lam = sample_lambda(rng, self.lambdas)
+            xr = normalize_images(self.backbone_module, real["image"].to(self.device, non_blocking=True))
+            x = mix_images(x, xr, lam)
+            real_label = real["label"].to(self.device)
+        targets = self.targets_for(batch, real_label, lam)
+
+        if self.generator is not None:
+            gen = torch.Generator().manual_seed(_seed(cfg.seed, 3, global_step, self.rank))
+
+            def adv_loss(img: Tensor) -> Tensor:
+                return self.classifier(self._embed(self.backbone_module, img), targets)[0]
+
+            _, synth = adversarial_styles(self.generator, x, adv_loss, cfg.cfsm.epsilon, cfg.cfsm.alpha,
+                                          cfg.cfsm.steps, rng=gen)
+            idx_real, idx_syn = (i.to(self.device) for i in real_synth_indices(x.shape[0], cfg.cfsm.real_ratio, gen))
+            x = torch.cat([x[idx_real], synth[idx_syn]])
+            targets = [Target(torch.cat([t.labels[idx_real], t.labels[idx_syn]]),
+                              torch.cat([t.weights[idx_real], t.weights[idx_syn]])) for t in targets]
+
+        for opt in (self.opt_backbone, self.opt_head):
+            for g in opt.param_groups:
+                g["lr"] = lr
+        emb = self._embed(self.backbone, x)
+        loss, pred = self.classifier(emb, targets)
+        self.opt_backbone.zero_grad(set_to_none=True)
+        self.opt_head.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.optimizer.grad_clip:
+            self.scaler.unscale_(self.opt_backbone)
+            torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), cfg.optimizer.grad_clip)
+        self.scaler.step(self.opt_backbone)
+        self.scaler.step(self.opt_head)
+        self.scaler.update()
+        primary = targets[0].labels
+        correct = int((pred == primary).sum())
+        return StepResult(float(loss.detach()), correct, int(primary.numel()), lr, lam)
+
+    def lr_at(self, epoch: int, step_in_epoch: int, global_step: int, steps_per_epoch: int) -> float:
+        return learning_rate(self.cfg, epoch, step_in_epoch, global_step, steps_per_epoch, self._lr_cache)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def kernel_state(self) -> dict[str, Any]:
+        state = self.opt_head.state.get(self.head.kernel, {})
+        return dict(state)
+
+    def write_checkpoint(self, directory: str, meta: TrainingMeta) -> None:
+        buffers = {k: v for k, v in self.head.state_dict().items() if k != "kernel"}
+        trainer_state = {
+            "optimizer": self.opt_backbone.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "head_buffers": buffers,
+        }
+        write_rank_files(directory, rank=self.rank, start=self.start, kernel=self.head.kernel,
+                         kernel_state=self.kernel_state(), meta=meta if self.rank == 0 else None,
+                         backbone=self.backbone_module.state_dict() if self.rank == 0 else None,
+                         trainer_state=trainer_state if self.rank == 0 else None)
+
+    def restore(self, reader: CheckpointReader) -> TrainingMeta:
+        """Load a checkpoint written by any number of workers; returns its progress counters."""
+        meta = reader.meta()
+        if meta.num_classes != self.plan.num_classes or meta.embedding_size != self.plan.embedding_size:
+            raise ValueError(
+                f"checkpoint {reader.path} is for {meta.num_classes} classes x {meta.embedding_size}-d embeddings; "
+                f"this run has {self.plan.num_classes} x {self.plan.embedding_size} (different data or backbone?)"
+            )
+        from synray.models.checkpoint import load_strict
+
+        load_strict(self.backbone_module, reader.load("backbone.pt"), what=f"checkpoint {reader.path}")
+        ts = reader.load("trainer_state.pt")
+        self.opt_backbone.load_state_dict(ts["optimizer"])
+        if ts.get("scaler"):
+            self.scaler.load_state_dict(ts["scaler"])
+        kernel, state = reader.centres(self.start, self.start + self.classifier.count)
+        with torch.no_grad():
+            self.head.kernel.copy_(kernel.to(self.head.kernel.device))
+            for k, v in ts.get("head_buffers", {}).items():
+                self.head.get_buffer(k).copy_(v)
+        if state:
+            self.opt_head.state[self.head.kernel] = {
+                k: (v.to(self.head.kernel.device) if isinstance(v, Tensor) else v) for k, v in state.items()
+            }
+        return meta
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Train worker
+
+
+def _synced_next(it: Iterator, world_size: int, device: torch.device):
+    """Next batch, or None on every rank as soon as any rank has run out (keeps collectives aligned)."""
+    try:
+        batch = next(it)
+    except StopIteration:
+        batch = None
+    if world_size > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([0 if batch is None else 1], device=device)
+        dist.all_reduce(flag, dist.ReduceOp.MIN)
+        if int(flag.item()) == 0:
+            return None
+    return batch
+
+
+def _cycle(shard, batch_size: int, prefetch: int) -> Iterator:
+    """Endless batches from a (small) dataset shard: SynFace replicates its real list the same way."""
+    while True:
+        n = 0
+        for b in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=prefetch):
+            n += 1
+            yield b
+        if n == 0:
+            raise DataError("the real-labelled dataset shard yields no full batch")
+
+
+def _maybe_crash(cfg: TrainConfig, rank: int, global_step: int) -> None:
+    fi = cfg.fault_injection
+    if fi.at_step is not None and global_step == fi.at_step and rank == fi.rank and not os.path.exists(fi.marker):
+        with open(fi.marker, "w") as fh:
+            fh.write(f"rank {rank} exited at step {global_step}\n")
+        os._exit(1)
+
+
+def _evaluate(learner: Learner, cfg: TrainConfig) -> dict[str, dict[str, float]]:
+    from synray.evaluation.evaluate import evaluate_bins
+
+    return evaluate_bins(learner.backbone_module, cfg.eval.bins, batch_size=cfg.eval.batch_size, flip=cfg.eval.flip,
+                         image_size=learner.plan.image_size)
+
+
+def _all_reduce_stats(values: list[float], device: torch.device, world_size: int) -> list[float]:
+    if world_size == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """The Ray Train worker function (one per rank)."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig.model_validate(loop_config["cfg"])
+    quiet = bool(loop_config.get("quiet"))
+    plan = TrainPlan(**{**loop_config["plan"], "image_size": tuple(loop_config["plan"]["image_size"])})
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    learner = Learner(cfg, plan, rank, world, device,
+                      wrap=(lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else None)
+
+    epoch, global_step, step_in_epoch, resumed_from = 0, 0, 0, -1
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        meta = learner.restore(CheckpointReader.from_checkpoint(ckpt))
+        epoch, global_step, step_in_epoch, resumed_from = meta.epoch, meta.step, meta.step_in_epoch, meta.step
+        if rank == 0 and not quiet:
+            print(f"[synray train] resumed from epoch {meta.epoch} step {meta.step} "
+                  f"(written by {meta.world_size} workers, now {world})", flush=True)
+
+    b_w = cfg.batch_size // world
+    spe = plan.steps_per_epoch(cfg.batch_size, world)
+    train_shard = ray.train.get_dataset_shard("train")
+    real_it = None
+    if cfg.mixup.domain.enabled:
+        real_it = _cycle(ray.train.get_dataset_shard("real"), b_w, cfg.data.prefetch_batches)
+    every = cfg.checkpoint.every_steps
+
+    def report(stats: EpochStats, epoch_done: int, in_epoch: int, eval_results: dict | None) -> None:
+        loss_sum, steps, correct, rows, images = _all_reduce_stats(
+            [stats.loss_sum, stats.steps, stats.correct, stats.rows, stats.images], device, world)
+        metrics: dict[str, Any] = {
+            "epoch": epoch_done, "step": global_step, "step_in_epoch": in_epoch, "world_size": world,
+            "resumed_from_step": resumed_from, "steps_per_epoch": spe,
+            "loss": loss_sum / max(steps, 1), "train_accuracy": correct / max(rows, 1),
+            "lr": stats.lr,
+            "images_per_second": images / max(stats.seconds, 1e-9),
+        }
+        for name, r in (eval_results or {}).items():
+            metrics[f"val/{name}/accuracy"] = r["accuracy"]
+        if rank == 0 and not quiet:
+            val = "".join(f", {k[4:-9]} {v:.4f}" for k, v in metrics.items() if k.startswith("val/"))
+            print(f"[synray train] epoch {epoch_done}/{cfg.epochs} step {global_step}: loss {metrics['loss']:.4f}, "
+                  f"train acc {metrics['train_accuracy']:.4f}, lr {metrics['lr']:.4g}, "
+                  f"{metrics['images_per_second']:.1f} img/s{val}", flush=True)
+        meta = TrainingMeta(epoch_done, global_step, in_epoch, plan.num_classes, plan.embedding_size, world, plan.config_hash)
+        with tempfile.TemporaryDirectory() as d:
+            learner.write_checkpoint(d, meta)
+            if rank == 0 and eval_results:
+                with open(os.path.join(d, "eval.json"), "w") as fh:
+                    json.dump(eval_results, fh)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=f"checkpoint_{global_step:09d}")
+
+    while epoch < cfg.epochs:
+        stats = EpochStats()
+        t0 = time.time()
+        it = iter(train_shard.iter_torch_batches(
+            batch_size=b_w, drop_last=True, prefetch_batches=cfg.data.prefetch_batches,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+        ))
+        while step_in_epoch < spe:
+            batch = _synced_next(it, world, device)
+            if batch is None:
+                break
+            _maybe_crash(cfg, rank, global_step)
+            real = next(real_it) if real_it is not None else None
+            lr = learner.lr_at(epoch, step_in_epoch, global_step, spe)
+            result = learner.step(batch, global_step, lr, real)
+            if not math.isfinite(result.loss):
+                raise FloatingPointError(f"loss is {result.loss} at step {global_step} (epoch {epoch}); lower the learning rate")
+            stats.add(result, int(batch["image"].shape[0]))
+            global_step += 1
+            step_in_epoch += 1
+            if every and global_step % every == 0 and step_in_epoch < spe:
+                stats.seconds = time.time() - t0
+                report(stats, epoch, step_in_epoch, None)
+        del it
+        if step_in_epoch < spe and rank == 0:
+            print(f"[synray train] epoch {epoch} ran out of data after {step_in_epoch} of {spe} steps", flush=True)
+        stats.seconds = time.time() - t0
+        epoch += 1
+        step_in_epoch = 0
+        results = None
+        if rank == 0 and cfg.eval.bins and (epoch % cfg.eval.every_epochs == 0 or epoch == cfg.epochs):
+            results = _evaluate(learner, cfg)
+        report(stats, epoch, 0, results)
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+
+
+@dataclass
+class TrainOutcome:
+    """What a finished run left behind."""
+
+    metrics: dict[str, Any]
+    checkpoint_uri: str | None
+    output_uri: str
+    verification: dict[str, dict[str, float]] | None
+    table: str | None
+    plan: dict[str, Any]
+
+
+def _mlflow_callback(uri: str, run_id: str):
+    from ray.train import UserCallback
+
+    class MLflowMetrics(UserCallback):
+        """Logs rank 0's reported metrics to the job's MLflow run (runs in the Train controller)."""
+
+        def __init__(self) -> None:
+            self.uri, self.run_id = uri, run_id
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            if not metrics:
+                return
+            try:
+                from mlflow.entities import Metric
+                from mlflow.tracking import MlflowClient
+
+                m = metrics[0]
+                step, now = int(m.get("step", 0)), int(time.time() * 1000)
+                items = [Metric(k, float(v), now, step) for k, v in m.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+                MlflowClient(self.uri).log_batch(self.run_id, metrics=items)
+            except Exception as exc:  # tracking must never stop training
+                print(f"[synray train] MLflow logging failed: {exc}", flush=True)
+
+    return MLflowMetrics()
+
+
+def build_datasets(cfg: TrainConfig, plan: TrainPlan, train: DatasetInfo, real: DatasetInfo | None) -> dict:
+    from synray.training.data import build_dataset
+
+    aug = cfg.augment
+    augment = {"flip": aug.flip, "rrc_prob": aug.rrc_prob, "rrc_scale": tuple(aug.rrc_scale), "rrc_ratio": tuple(aug.rrc_ratio)}
+    common = dict(image_size=plan.image_size, augment=augment, shuffle=cfg.data.shuffle,
+                  batch_size=cfg.data.decode_batch_size, num_cpus=cfg.data.decode_num_cpus)
+    datasets = {"train": build_dataset(train, soft_labels=cfg.mixup.identity, **common)}
+    if real is not None:
+        repeat = -(-train.rows // real.rows)  # SynFace: the real list replicated to the synthetic length
+        datasets["real"] = build_dataset(real, offset=plan.num_syn_classes, repeat=repeat, **common)
+    return datasets
+
+
+def export_final(cfg: TrainConfig, backbone_bytes: bytes) -> bytes:
+    """The trained backbone as a self-describing synray checkpoint (usable as an embedder or teacher)."""
+    import io
+
+    from synray.models.checkpoint import load_strict
+    from synray.models.export import save_backbone
+
+    state = torch.load(io.BytesIO(backbone_bytes), map_location="cpu", weights_only=True)
+    model = build_backbone(cfg.backbone.name, **cfg.backbone.kwargs)
+    load_strict(model, state, what="final backbone")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "model.pt")
+        save_backbone(path, cfg.backbone.name, model, cfg.backbone.kwargs, extra={"trained_by": f"synray train {cfg.name}"})
+        with open(path, "rb") as fh:
+            return fh.read()
+
+
+def run_training(cfg: TrainConfig, workdir: str | None = None) -> TrainOutcome:
+    """Train as configured; re-running with the same ``output.uri`` and ``name`` resumes the run."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from synray.io import storage
+    from synray.runtime import init_ray, is_quiet
+    from synray.tracking import job_run, resolve_tracking_uri
+
+    plan, train, real = plan_training(cfg)  # before any Ray work: bad data fails fast
+    init_ray(cfg.ray)
+    quiet = is_quiet(cfg.ray)
+    datasets = build_datasets(cfg, plan, train, real)
+    storage_path, fs = run_storage(cfg.output.uri)
+    run_uri = storage.join(cfg.output.uri, cfg.name)
+    plan_dict = {**asdict(plan), "image_size": list(plan.image_size)}
+
+    with job_run(cfg, "train", workdir=workdir) as tracker:
+        tracker.log_params({"plan.num_classes": plan.num_classes, "plan.train_rows": plan.train_rows})
+        callbacks = []
+        if tracker.run_id is not None:
+            callbacks.append(_mlflow_callback(resolve_tracking_uri(cfg.tracking, workdir), tracker.run_id))
+        scaling = cfg.scaling
+        workers = tuple(scaling.num_workers) if isinstance(scaling.num_workers, tuple) else scaling.num_workers
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan_dict, "quiet": quiet},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=workers, use_gpu=scaling.use_gpu, resources_per_worker={"CPU": scaling.cpus_per_worker},
+            ),
+            run_config=ray.train.RunConfig(
+                name=cfg.name, storage_path=storage_path, storage_filesystem=fs,
+                failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+                callbacks=callbacks,
+            ),
+            datasets=datasets,
+            dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+        )
+        result = trainer.fit()
+        metrics = dict(result.metrics or {})
+        verification, table, ckpt_uri = None, None, None
+        if result.checkpoint is not None:
+            reader = CheckpointReader.from_checkpoint(result.checkpoint)
+            ckpt_uri = storage.join(cfg.output.uri, os.path.relpath(reader.path, storage_path)) if not storage.is_s3(cfg.output.uri) \
+                else "s3://" + reader.path
+            if "eval.json" in reader.names():
+                from synray.evaluation.evaluate import format_table
+
+                verification = json.loads(reader.read_bytes("eval.json"))
+                table = format_table(verification)
+                tracker.log_text(table, "verification.txt")
+                tracker.log_metrics({f"final/{k}/accuracy": v["accuracy"] for k, v in verification.items()})
+            final = storage.join(run_uri, "final")
+            storage.write_bytes_atomic(storage.join(final, "backbone.pt"), reader.read_bytes("backbone.pt"))
+            storage.write_bytes_atomic(storage.join(final, "model.pt"), export_final(cfg, reader.read_bytes("backbone.pt")))
+        summary = {"metrics": metrics, "checkpoint": ckpt_uri, "verification": verification, "plan": plan_dict}
+        storage.write_bytes_atomic(storage.join(run_uri, "final", "summary.json"),
+                                   json.dumps(summary, indent=2, default=str).encode())
+        if table and not quiet:
+            print(table)
+    return TrainOutcome(metrics, ckpt_uri, run_uri, verification, table, plan_dict)
