@@ -1,0 +1,1 @@
+"""SynthDistill: latent generators, teachers and the distillation loop."""

@@ -1,0 +1,370 @@
+"""SynthDistill training loop: plain-torch :class:`Distiller`, its Ray Train worker and the driver.
+
+Each iteration makes two optimiser steps (SynthDistill ``train.py``):
+
+1. fresh ``z ~ N(0, I)`` -> ``w = map(z)`` -> images -> face crops; the frozen teacher embeds them, the
+   student is trained with MSE on the raw embeddings;
+2. resampling: ``w' = w + resampling_coef * (cos(e_s, e_t) + 1) / 2 * n`` with the student embeddings
+   of step 1 taken *before* its update (:func:`synray.training.resample.resample_latents`), then a
+   second step on images of ``w'``.
+
+Randomness of iteration ``i`` derives from ``(seed, epoch, i)`` for the *global* batch, and rank ``r``
+takes rows ``[r B/W, (r+1) B/W)``: the data the student sees does not depend on the number of
+workers. Validation uses fixed latents drawn from ``(seed, "validation")`` so the reported cosine is
+comparable across epochs; ``val/cos_initial`` is the untrained student's value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from synray.config.distill import DistillConfig
+from synray.distill.generators import LatentGenerator, build_latent_generator, face_crops
+from synray.distill.teachers import Teacher, load_teacher, model_input, raw_embedding
+from synray.models.registry import build_backbone
+from synray.training.resample import kd_loss, resample_latents
+
+__all__ = [
+    "Distiller", "LoopHooks", "distill_loop", "distill_loop_per_worker", "check_distill_config", "run_distill",
+    "DistillOutcome", "VALIDATION_STREAM",
+]
+
+VALIDATION_STREAM = 0x7A11D  # keeps validation latents apart from every training draw
+STUDENT_FILE, STATE_FILE, META_FILE, EVAL_FILE = "student.pt", "trainer_state.pt", "meta.json", "eval.json"
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] & ((1 << 62) - 1))
+
+
+def _gen(*parts: int) -> torch.Generator:
+    return torch.Generator().manual_seed(_seed(*parts))
+
+
+class Distiller:
+    """Generator + teacher (both frozen) + student, optimiser and LR schedule of one worker."""
+
+    def __init__(self, cfg: DistillConfig, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
+                 wrap: Callable[[nn.Module], nn.Module] | None = None, generator: LatentGenerator | None = None,
+                 teacher: Teacher | None = None) -> None:
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.device = torch.device(device)
+        self.generator = generator or build_latent_generator(cfg.generator, self.device)
+        self.teacher = teacher or load_teacher(cfg.teacher, self.device)
+        torch.manual_seed(cfg.seed)  # the same student on every rank
+        self.student_module = build_backbone(cfg.student.name, **cfg.student.kwargs).to(self.device)
+        dim = int(getattr(self.student_module, "embedding_dim", 0))
+        if dim != self.teacher.embedding_dim:
+            raise ValueError(
+                f"student {cfg.student.name} gives {dim}-d embeddings but teacher {cfg.teacher!r} gives "
+                f"{self.teacher.embedding_dim}-d; set student.kwargs.embedding_dim: {self.teacher.embedding_dim}")
+        self.student = wrap(self.student_module) if wrap is not None else self.student_module
+        o = cfg.optimizer
+        self.optimizer = torch.optim.Adam(self.student.parameters(), lr=o.lr)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=o.step_epochs, gamma=o.gamma)
+        self.crop = cfg.generator.crop if cfg.generator.crop != "auto" else self.generator.crop
+        if cfg.batch_size % world_size:
+            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world_size} workers")
+        self.local_batch = cfg.batch_size // world_size
+
+    # -- data ----------------------------------------------------------------------------------
+    def _slice(self, x: Tensor) -> Tensor:
+        lo = self.rank * (x.shape[0] // self.world_size)
+        return x[lo:lo + x.shape[0] // self.world_size]
+
+    def latents(self, *key: int, batch: int | None = None) -> Tensor:
+        """This rank's rows of the global batch of ``z`` drawn from ``(seed, *key)``."""
+        batch = batch or self.cfg.batch_size
+        z = torch.randn(batch, self.generator.z_dim, generator=_gen(self.cfg.seed, *key))
+        return self._slice(z).to(self.device)
+
+    def crops(self, w: Tensor, *key: int) -> Tensor:
+        images = self.generator.synthesize(w, generator=_gen(self.cfg.seed, *key, self.rank))
+        return face_crops(images.to(self.device), self.crop, self.cfg.crop_size)
+
+    # -- optimisation --------------------------------------------------------------------------
+    def embed_student(self, crops: Tensor, module: nn.Module | None = None) -> Tensor:
+        m = module if module is not None else self.student
+        return raw_embedding(m(model_input(self.student_module, crops))).float()
+
+    def step(self, crops: Tensor) -> tuple[float, Tensor, Tensor]:
+        """One optimiser step on a batch of crops; returns (loss, student embeddings before the step, teacher)."""
+        e_t = self.teacher(crops).to(self.device)
+        self.student.train()
+        e_s = self.embed_student(crops)
+        loss = kd_loss(e_s, e_t)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach()), e_s.detach(), e_t
+
+    def iteration(self, epoch: int, it: int) -> dict[str, float]:
+        """The two-step SynthDistill iteration ``it`` of ``epoch``."""
+        w = self.generator.map(self.latents(epoch, it, 0))
+        loss1, e_s, e_t = self.step(self.crops(w, epoch, it, 1))
+        out = {"loss": loss1, "cos": float(F.cosine_similarity(e_s, e_t).mean())}
+        if self.cfg.resampling:
+            noise = self._slice(torch.randn(self.cfg.batch_size, w.shape[2], generator=_gen(self.cfg.seed, epoch, it, 2)))
+            w2 = resample_latents(w, e_s, e_t, self.cfg.resampling_coef, noise=noise.to(w))
+            out["loss_resampled"], _, _ = self.step(self.crops(w2, epoch, it, 3))
+        return out
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Sum of MSE and cosine over this rank's rows of the fixed validation batches (and the row count)."""
+        v = self.cfg.validation
+        batch = v.batch_size or self.cfg.batch_size
+        self.student.eval()
+        mse = cos = 0.0
+        rows = 0
+        for b in range(v.batches):
+            w = self.generator.map(self.latents(VALIDATION_STREAM, b, batch=batch))
+            crops = self.crops(w, VALIDATION_STREAM, b, 1)
+            e_t = self.teacher(crops).to(self.device)
+            e_s = self.embed_student(crops, self.student_module)
+            mse += float(F.mse_loss(e_s, e_t, reduction="none").mean(1).sum())
+            cos += float(F.cosine_similarity(e_s, e_t).sum())
+            rows += e_s.shape[0]
+        return {"mse_sum": mse, "cos_sum": cos, "rows": rows}
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save(self, directory: str, meta: dict[str, Any]) -> None:
+        """Student (a self-describing synray checkpoint), optimiser + scheduler, progress."""
+        from synray.models.export import save_backbone
+
+        save_backbone(os.path.join(directory, STUDENT_FILE), self.cfg.student.name, self.student_module,
+                      self.cfg.student.kwargs, extra={"distilled_from": str(self.cfg.teacher)})
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   os.path.join(directory, STATE_FILE))
+        with open(os.path.join(directory, META_FILE), "w") as fh:
+            json.dump(meta, fh, indent=2)
+
+    def restore(self, directory: str) -> dict[str, Any]:
+        from synray.models.checkpoint import load_strict
+        from synray.models.export import read_exported
+
+        blob = read_exported(os.path.join(directory, STUDENT_FILE))
+        load_strict(self.student_module, blob["state_dict"], what=f"checkpoint {directory}")
+        state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        with open(os.path.join(directory, META_FILE)) as fh:
+            return json.load(fh)
+
+
+# --------------------------------------------------------------------------------------------
+# the loop, shared by Ray Train workers and Tune trials
+
+
+@dataclass
+class LoopHooks:
+    """How the loop talks to its runner: Ray Train (every rank reports) or a Tune trial (one process)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: str | torch.device = "cpu"
+    wrap: Callable[[nn.Module], nn.Module] | None = None
+    report: Callable[[dict[str, Any], str | None], None] | None = None  # (metrics, checkpoint dir or None)
+    restore_dir: str | None = None  # a local copy of the checkpoint to resume from
+    stop_after_epoch: int | None = None  # tests: stop (as if killed) after reporting this epoch
+
+
+def _all_reduce(values: list[float], device: torch.device, world_size: int) -> list[float]:
+    if world_size == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def distill_loop(cfg: DistillConfig, hooks: LoopHooks) -> dict[str, Any]:
+    """Run (or resume) the distillation; reports metrics and a checkpoint after every epoch."""
+    d = Distiller(cfg, hooks.rank, hooks.world_size, hooks.device, hooks.wrap)
+    epoch, step, cos_initial = 0, 0, None
+    if hooks.restore_dir is not None:
+        meta = d.restore(hooks.restore_dir)
+        epoch, step, cos_initial = meta["epoch"], meta["step"], meta.get("val_cos_initial")
+        if hooks.rank == 0:
+            print(f"[synray distill] resumed from epoch {epoch} (step {step})", flush=True)
+    resumed_from = epoch if hooks.restore_dir is not None else -1
+
+    def val() -> tuple[float, float]:
+        v = d.validate()
+        mse, cos, rows = _all_reduce([v["mse_sum"], v["cos_sum"], v["rows"]], d.device, hooks.world_size)
+        return mse / rows, cos / rows
+
+    if cos_initial is None:
+        cos_initial = val()[1]
+    metrics: dict[str, Any] = {}
+    while epoch < cfg.epochs:
+        t0 = time.time()
+        sums = np.zeros(3)
+        for it in range(cfg.iterations_per_epoch):
+            r = d.iteration(epoch, it)
+            if not math.isfinite(r["loss"]):
+                raise FloatingPointError(f"distillation loss is {r['loss']} at epoch {epoch} iteration {it}; lower optimizer.lr")
+            sums += (r["loss"], r.get("loss_resampled", 0.0), r["cos"])
+            step += 2 if cfg.resampling else 1
+        seconds = time.time() - t0
+        lr = d.optimizer.param_groups[0]["lr"]
+        d.scheduler.step()
+        epoch += 1
+        loss, loss2, cos = (np.asarray(_all_reduce(list(sums), d.device, hooks.world_size)) /
+                            (cfg.iterations_per_epoch * hooks.world_size))
+        val_mse, val_cos = val()
+        metrics = {
+            "epoch": epoch, "step": step, "loss": float(loss), "loss_resampled": float(loss2), "train/cos": float(cos),
+            "val/mse": val_mse, "val/cos": val_cos, "val/cos_initial": cos_initial, "lr": lr,
+            "images_per_second": cfg.batch_size * (2 if cfg.resampling else 1) * cfg.iterations_per_epoch / max(seconds, 1e-9),
+            "world_size": hooks.world_size, "resumed_from_epoch": resumed_from,
+        }
+        results = None
+        if hooks.rank == 0 and cfg.eval.bins and (epoch % cfg.eval.every_epochs == 0 or epoch == cfg.epochs):
+            from synray.evaluation.evaluate import evaluate_bins
+
+            results = evaluate_bins(d.student_module, cfg.eval.bins, batch_size=cfg.eval.batch_size, flip=cfg.eval.flip)
+            for name, res in results.items():
+                metrics[f"val/{name}/accuracy"] = res["accuracy"]
+        with tempfile.TemporaryDirectory() as tmp:
+            if hooks.rank == 0:
+                d.save(tmp, {"epoch": epoch, "step": step, "val_cos_initial": cos_initial, "metrics": metrics})
+                if results:
+                    with open(os.path.join(tmp, EVAL_FILE), "w") as fh:
+                        json.dump(results, fh)
+            if hooks.report is not None:
+                hooks.report(metrics, tmp if hooks.rank == 0 else None)
+        if hooks.stop_after_epoch is not None and epoch >= hooks.stop_after_epoch and epoch < cfg.epochs:
+            raise RuntimeError(f"stopped after epoch {epoch} (stop_after_epoch)")
+    return metrics
+
+
+def distill_loop_per_worker(loop_config: dict) -> None:
+    """The Ray Train worker function."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = DistillConfig.model_validate(loop_config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+
+    def report(metrics: dict, directory: str | None) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(directory) if directory else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_epoch_{metrics['epoch']:04d}")
+
+    wrap = (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        distill_loop(cfg, LoopHooks(rank, world, device, wrap, report))
+        return
+    with ckpt.as_directory() as directory:
+        distill_loop(cfg, LoopHooks(rank, world, device, wrap, report, restore_dir=directory))
+
+
+# --------------------------------------------------------------------------------------------
+# driver
+
+
+def check_distill_config(cfg: DistillConfig) -> None:
+    """Cheap checks before any Ray work: teacher/student dims, generator files, evaluation sets."""
+    from synray.evaluation.evaluate import find_bins
+
+    if cfg.generator.type in ("stylegan2", "ldm") and not os.path.exists(cfg.generator.path):
+        raise ValueError(f"generator.path: file not found: {cfg.generator.path}")
+    if cfg.generator.type == "ldm" and not os.path.exists(cfg.generator.vq_decoder):
+        raise ValueError(f"generator.vq_decoder: file not found: {cfg.generator.vq_decoder}")
+    if cfg.eval.bins:
+        try:
+            find_bins(cfg.eval.bins)
+        except FileNotFoundError as exc:
+            raise ValueError(f"eval.bins: {exc}") from None
+    teacher = load_teacher(cfg.teacher)
+    student = build_backbone(cfg.student.name, **cfg.student.kwargs)
+    dim = int(getattr(student, "embedding_dim", 0))
+    if dim != teacher.embedding_dim:
+        raise ValueError(
+            f"student.kwargs.embedding_dim: student {cfg.student.name} gives {dim}-d embeddings, teacher "
+            f"{cfg.teacher!r} gives {teacher.embedding_dim}-d; set student.kwargs.embedding_dim: {teacher.embedding_dim}")
+
+
+@dataclass
+class DistillOutcome:
+    metrics: dict[str, Any]
+    student_uri: str | None
+    output_uri: str
+    verification: dict[str, dict[str, float]] | None
+    table: str | None
+
+
+def run_distill(cfg: DistillConfig, workdir: str | None = None, checked: bool = False) -> DistillOutcome:
+    """Distil as configured on Ray Train; re-running with the same ``output.uri`` and ``name`` resumes.
+
+    ``checked``: :func:`check_distill_config` already ran (it loads the teacher once more otherwise).
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from synray.io import storage
+    from synray.runtime import init_ray, is_quiet
+    from synray.tracking import job_run, resolve_tracking_uri
+    from synray.tuning.tracking import TrainMetricsToMLflow
+
+    if not checked:
+        check_distill_config(cfg)
+    init_ray(cfg.ray)
+    loc = storage.resolve(cfg.output.uri)
+    run_uri = storage.join(cfg.output.uri, cfg.name)
+    with job_run(cfg, "distill", workdir=workdir) as tracker:
+        callbacks = []
+        if tracker.run_id is not None:
+            callbacks.append(TrainMetricsToMLflow(resolve_tracking_uri(cfg.tracking, workdir), tracker.run_id, "distill"))
+        s = cfg.scaling
+        trainer = TorchTrainer(
+            distill_loop_per_worker,
+            train_loop_config={"cfg": cfg.model_dump(mode="json")},
+            scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                                   resources_per_worker={"CPU": s.cpus_per_worker}),
+            run_config=ray.train.RunConfig(
+                name=cfg.name, storage_path=loc.path, storage_filesystem=loc.fs,
+                failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+                callbacks=callbacks,
+            ),
+        )
+        result = trainer.fit()
+        metrics = dict(result.metrics or {})
+        verification = table = student_uri = None
+        if result.checkpoint is not None:
+            from synray.evaluation.evaluate import format_table
+            from synray.training.checkpointing import CheckpointReader
+
+            reader = CheckpointReader.from_checkpoint(result.checkpoint)
+            student_uri = storage.join(run_uri, "final", STUDENT_FILE)
+            storage.write_bytes_atomic(student_uri, reader.read_bytes(STUDENT_FILE))
+            if EVAL_FILE in reader.names():
+                verification = json.loads(reader.read_bytes(EVAL_FILE))
+                table = format_table(verification)
+                tracker.log_text(table, "verification.txt")
+            tracker.log_metrics({f"final/{k}": float(v) for k, v in metrics.items()
+                                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        summary = {"metrics": metrics, "student": student_uri, "verification": verification}
+        storage.write_bytes_atomic(storage.join(run_uri, "final", "summary.json"),
+                                   json.dumps(summary, indent=2, default=str).encode())
+        if table and not is_quiet(cfg.ray):
+            print(table)
+    return DistillOutcome(metrics, student_uri, run_uri, verification, table)
