@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from synray.config.train import BackboneConfig
 from synray.config.base import OutputConfig, RayConfig, StrictModel, TrackingConfig
 
 
@@ -47,20 +48,10 @@ class DistillGeneratorConfig(StrictModel):
         return self
 
 
-class StudentConfig(StrictModel):
+class StudentConfig(BackboneConfig):
     """A registry backbone (``tinyfar_a|b|c``, ``iresnet*``...) and its constructor arguments."""
 
     name: str = "tinyfar_a"
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        from synray.models.registry import BACKBONES
-
-        if v not in BACKBONES:
-            raise ValueError(f"unknown backbone {v!r}; valid names: {', '.join(sorted(BACKBONES))}")
-        return v
 
 
 class DistillOptimizerConfig(StrictModel):
