@@ -1,9 +1,7 @@
 """``ray job submit`` against a real local head (dashboard + Jobs API) started by the test."""
 
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest

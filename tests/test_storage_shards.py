@@ -1,6 +1,5 @@
 """Storage URIs and idempotent Parquet shards, locally and on a real S3 endpoint (moto server)."""
 
-import json
 import os
 import signal
 import subprocess

@@ -1,7 +1,6 @@
 """Synthesis: context samplers (pure), every recipe end to end through Ray Data on tiny models,
 determinism across batch sizes / actor counts / backends, and kill-and-resume with nothing lost or doubled."""
 
-import os
 import signal
 import subprocess
 import sys

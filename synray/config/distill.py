@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from synray.config.train import BackboneConfig
 from synray.config.base import OutputConfig, RayConfig, StrictModel, TrackingConfig
