@@ -66,6 +66,14 @@ class TrainPlan:
     def num_classes(self) -> int:
         return self.num_syn_classes + self.num_real_classes
 
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "image_size": list(self.image_size), "num_classes": self.num_classes}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainPlan:
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{**{k: v for k, v in data.items() if k in names}, "image_size": tuple(data["image_size"])})
+
     def steps_per_epoch(self, batch_size: int, world_size: int) -> int:
         """Equal split (``streaming_split(equal=True)``) then whole per-worker batches."""
         return (self.train_rows // world_size) // (batch_size // world_size)
@@ -410,7 +418,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     cfg = TrainConfig.model_validate(loop_config["cfg"])
     quiet = bool(loop_config.get("quiet"))
-    plan = TrainPlan(**{**loop_config["plan"], "image_size": tuple(loop_config["plan"]["image_size"])})
+    plan = TrainPlan.from_dict(loop_config["plan"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
@@ -451,7 +459,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             val = "".join(f", {k[4:-9]} {v:.4f}" for k, v in metrics.items() if k.startswith("val/"))
             print(f"[synray train] epoch {epoch_done}/{cfg.epochs} step {global_step}: loss {metrics['loss']:.4f}, "
                   f"train acc {metrics['train_accuracy']:.4f}, lr {metrics['lr']:.4g}, "
-                  f"{metrics['images_per_second']:.1f} img/s{val}", flush=True)
+                  f"{metrics['images_per_second']:.1f} img/s over {stats.seconds:.1f} s{val}", flush=True)
         meta = TrainingMeta(epoch_done, global_step, in_epoch, plan.num_classes, plan.embedding_size, world, plan.config_hash)
         with tempfile.TemporaryDirectory() as d:
             learner.write_checkpoint(d, meta)
@@ -585,7 +593,7 @@ def run_training(cfg: TrainConfig, workdir: str | None = None) -> TrainOutcome:
     datasets = build_datasets(cfg, plan, train, real)
     storage_path, fs = run_storage(cfg.output.uri)
     run_uri = storage.join(cfg.output.uri, cfg.name)
-    plan_dict = {**asdict(plan), "image_size": list(plan.image_size)}
+    plan_dict = plan.to_dict()
 
     with job_run(cfg, "train", workdir=workdir) as tracker:
         tracker.log_params({"plan.num_classes": plan.num_classes, "plan.train_rows": plan.train_rows})
