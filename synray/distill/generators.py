@@ -302,7 +302,7 @@ class WorldLatentGenerator:
         _check_w(w, 1, self.w_dim, self.name)
         lat = w[:, 0, :].detach().float().cpu().numpy().astype(np.float64)
         imgs = np.stack([render_face(*self.factors(v), self.size) for v in lat])
-        return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div_(255).to(w.device)
+        return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous().float().div_(255).to(w.device)
 
     def to(self, device) -> WorldLatentGenerator:
         return self
