@@ -12,6 +12,7 @@ COMMANDS = (
     "synray.commands.quickstart",
     "synray.evaluation.command",
     "synray.synthesis.command",
+    "synray.training.command",
     "synray.distill.command",
     "synray.training.ldm_command",
     "synray.tuning.command",
