@@ -1,6 +1,7 @@
 """``ray job submit`` against a real local head (dashboard + Jobs API) started by the test."""
 
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -43,3 +44,41 @@ def test_submit_synthesis_then_resubmit_resumes(tmp_path):
              *args, "--set", "identities.cont=3"], env=head.env, capture_output=True, text=True, timeout=300)
         assert bad.returncode != 0 and "identities.cont: unknown key" in bad.stdout + bad.stderr
     assert not head.processes()
+
+
+def test_submit_recognition_training(tmp_path):
+    """jobs/train_recognition.py through the Jobs API on world shards; the checkpoint and table come back."""
+    from raycluster import RayHead
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from synray.config import load_config
+    from synray.config.synth import SynthConfig
+    from synray.synthesis.pipeline import run_local
+    from synray.world.world import World
+
+    data = tmp_path / "real"
+    run_local(load_config(ROOT / "conf/synth/world.yaml", SynthConfig, [
+        f"output.uri={data}", "identities.count=16", "identities.unit_size=8", "generator.images_per_identity=4",
+        "label_kind=real", "tracking.enabled=false"]))
+    World(seed=0, num_identities=16).write_verification_bins(tmp_path / "bins", num_pairs=40)
+    entry = (f"python jobs/train_recognition.py --config conf/train/world_tiny.yaml --set data.train={data} "
+             f"--set eval.bins=[{tmp_path / 'bins'}] --set output.uri={tmp_path / 'train'} --set epochs=1 "
+             f"--set batch_size=16 --set tracking.uri=sqlite:///{tmp_path}/mlflow.db --quiet")
+    with RayHead(env={"RAY_AUTH_MODE": "disabled"}) as head:
+        client = JobSubmissionClient(head.dashboard)
+        for attempt in range(60):  # the head's job agent needs a moment after `ray start`
+            try:
+                job = client.submit_job(entrypoint=entry, runtime_env={"working_dir": str(ROOT)})
+                break
+            except RuntimeError as exc:
+                if "No available agent" not in str(exc) or attempt == 59:
+                    raise
+                time.sleep(2)
+        deadline = time.time() + 480
+        while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            assert time.time() < deadline, client.get_job_logs(job)[-3000:]
+            time.sleep(2)
+        logs = client.get_job_logs(job)
+        assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
+    assert (tmp_path / "train" / "world_tiny" / "final" / "model.pt").exists()
+    assert "world-frontal" in logs
