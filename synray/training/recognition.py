@@ -106,10 +106,6 @@ def plan_training(cfg: TrainConfig) -> tuple[TrainPlan, DatasetInfo, DatasetInfo
         raise DataError(
             f"dataset {train.uri} has {train.rows} rows: not one batch of {per_worker} per worker for {workers} workers"
         )
-    if real is not None and real.rows // workers < per_worker:
-        raise DataError(
-            f"real dataset {real.uri} has {real.rows} rows: fewer than one batch of {per_worker} per worker for domain mixup"
-        )
     return plan, train, real
 
 
@@ -387,8 +383,16 @@ def _cycle(shard, batch_size: int, prefetch: int) -> Iterator:
 
 
 def _maybe_crash(cfg: TrainConfig, rank: int, global_step: int) -> None:
+    """Tests only: the configured rank dies once (a marker file remembers it) at the configured step.
+
+    It first waits until the controller has registered every checkpoint reported so far, so the
+    test sees a crash in steady state rather than a race with the last report.
+    """
     fi = cfg.fault_injection
     if fi.at_step is not None and global_step == fi.at_step and rank == fi.rank and not os.path.exists(fi.marker):
+        import ray.train
+
+        ray.train.get_all_reported_checkpoints(timeout_s=120)
         with open(fi.marker, "w") as fh:
             fh.write(f"rank {rank} exited at step {global_step}\n")
         os._exit(1)
