@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from synray.diffusion.schedule import BUFFER_NAMES
 from synray.models.checkpoint import (
     WRAPPER_PREFIXES,
     CheckpointError,
@@ -43,16 +44,7 @@ __all__ = [
 UNET_PREFIX = "eps_model."
 
 # The DDPM wrapper's buffers stored beside the UNet (ddpm_checkpoint_layout.json), in wrapper order.
-SCHEDULE_BUFFERS: tuple[str, ...] = (
-    "betas",
-    "alphas",
-    "sigmas",
-    "sqrt_alphas_inv",
-    "alpha_bars",
-    "sqrt_alpha_bars",
-    "sqrt_one_minus_alpha_bars",
-    "one_minus_alphas_over_sqrt_one_minus_alpha_bars",
-)
+SCHEDULE_BUFFERS: tuple[str, ...] = BUFFER_NAMES
 
 
 def normalize_unet_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
