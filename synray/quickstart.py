@@ -100,7 +100,9 @@ def build_assets(cfg: QuickstartConfig, real_uri: str, bins: str, dest: str, tra
         with open(os.path.join(dest, name), "wb") as fh:
             fh.write(storage.read_bytes(gen[key]))
         gen[key] = name
-    meta = {"generator": gen, "teacher": "teacher.pt",
+    from synray.synthesis.embedders import embedding_dim
+
+    meta = {"generator": gen, "teacher": "teacher.pt", "context_dim": embedding_dim(teacher_path),
             "teacher_verification": teacher.verification, "ldm_metrics": ldm.metrics,
             "made_by": "synray quickstart --rebuild-assets", "world": cfg.world.model_dump()}
     with open(os.path.join(dest, "generator.json"), "w") as fh:
@@ -121,7 +123,12 @@ def load_assets(folder: str) -> dict[str, Any]:
     gen = dict(meta["generator"])
     for key in ("unet", "vq_decoder"):
         gen[key] = os.path.join(folder, gen[key])
-    return {"generator": gen, "teacher": os.path.join(folder, meta["teacher"]), "meta": meta}
+    teacher = os.path.join(folder, meta["teacher"])
+    if "context_dim" not in meta:
+        from synray.synthesis.embedders import embedding_dim
+
+        meta["context_dim"] = embedding_dim(teacher)
+    return {"generator": gen, "teacher": teacher, "meta": meta}
 
 
 def synthesize(cfg: QuickstartConfig, assets: dict[str, Any], tracking: list[str]) -> tuple[str, dict]:
@@ -138,6 +145,7 @@ def synthesize(cfg: QuickstartConfig, assets: dict[str, Any], tracking: list[str
                  f"generator.vq_config={json.dumps(gen['vq_config'])}", f"generator.latent_shape={json.dumps(gen['latent_shape'])}",
                  "generator.num_gpus=0", "generator.batch_size=64", f"generator.world_difficulty={world_difficulty(cfg)}",
                  "contexts.source=face_embeddings", "contexts.path=null", f"contexts.embedder={assets['teacher']}",
+                 f"contexts.dim={assets['meta']['context_dim']}",
                  f"quality.embedder={assets['teacher']}", "augment.context_repeats=0",
                  "alignment.mode=none",  # the world LDM decodes aligned faces; the student resizes
                  *tracking)

@@ -19,6 +19,10 @@ class RayHead:
 
         self.temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: raylet socket paths have a length limit
         self.port, self.dashboard_port = free_port(), free_port()
+        # the agents' default ports (52365, ...) may still be held by an earlier cluster of this session:
+        # a head whose agent cannot bind never accepts jobs ("No available agent"), so every port is fresh
+        self.agent_ports = {"dashboard-agent-listen-port": free_port(), "dashboard-agent-grpc-port": free_port(),
+                            "runtime-env-agent-port": free_port(), "metrics-export-port": free_port()}
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
         self.env.pop("RAY_ADDRESS", None)
         self.num_cpus = num_cpus
@@ -32,12 +36,14 @@ class RayHead:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> RayHead:
-        subprocess.run(
+        out = subprocess.run(
             ["ray", "start", "--head", f"--port={self.port}", f"--num-cpus={self.num_cpus}", "--include-dashboard=true",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}",
-             "--disable-usage-stats"],
-            env=self.env, check=True, capture_output=True, timeout=120,
+             "--disable-usage-stats", *(f"--{k}={v}" for k, v in self.agent_ports.items())],
+            env=self.env, capture_output=True, text=True, timeout=120,
         )
+        if out.returncode != 0:
+            raise RuntimeError(f"`ray start --head` failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
         return self
 
     def processes(self) -> list[psutil.Process]:

@@ -66,12 +66,13 @@ def test_submit_recognition_training(tmp_path):
              f"--set batch_size=16 --set tracking.uri=sqlite:///{tmp_path}/mlflow.db --quiet")
     with RayHead(env={"RAY_AUTH_MODE": "disabled"}) as head:
         client = JobSubmissionClient(head.dashboard)
-        for attempt in range(60):  # the head's job agent needs a moment after `ray start`
+        ready = time.time() + 120  # the head's job agent needs a moment after `ray start`
+        while True:
             try:
                 job = client.submit_job(entrypoint=entry, runtime_env={"working_dir": str(ROOT)})
                 break
             except RuntimeError as exc:
-                if "No available agent" not in str(exc) or attempt == 59:
+                if "No available agent" not in str(exc) or time.time() > ready:
                     raise
                 time.sleep(2)
         deadline = time.time() + 480

@@ -96,7 +96,8 @@ def tiny_assets(tmp_path_factory):
                                           n_blocks_per_resolution=1, context_channels=32, learn_empty_context=learn))
         save_unet_checkpoint(unet, d / name, linear_schedule())
     torch.save(VQDecoder(VQConfig.small()).state_dict(), d / "vq_decoder.pt")
-    fr_kw = {"layers": (1, 1, 1, 1), "widths": (8, 16, 16, 32), "embedding_dim": 512}
+    # a 32x32 embedder, like the quickstart's world teacher: 112x112 faces must be brought to its size
+    fr_kw = {"layers": (1, 1, 1, 1), "widths": (8, 16, 16, 32), "embedding_dim": 512, "input_size": (32, 32)}
     save_backbone(d / "embedder.pt", "iresnet18", build_backbone("iresnet18", **fr_kw), fr_kw)
     np.save(d / "ctx.npy", C.gaussian(3, np.arange(6), 512))
     return d
@@ -239,3 +240,20 @@ def test_config_change_refuses_to_mix_datasets(tmp_path):
         run_local(load_job_config(ROOT / "conf/synth/world.yaml", [*base, "seed=5"]))
     # speed-only settings may change on resume
     run_local(load_job_config(ROOT / "conf/synth/world.yaml", [*base, "generator.batch_size=2", "generator.max_actors=3"]))
+
+
+def test_embedder_brings_faces_to_the_backbone_input_size(tmp_path):
+    from synray.models.export import save_backbone
+    from synray.models.registry import build_backbone
+    from synray.synthesis.embedders import Embedder
+
+    kw = {"layers": (1, 1, 1, 1), "widths": (8, 8, 8, 8), "embedding_dim": 16, "input_size": (32, 32)}
+    torch.manual_seed(0)
+    save_backbone(tmp_path / "e.pt", "iresnet18", build_backbone("iresnet18", **kw), kw)
+    emb = Embedder(str(tmp_path / "e.pt"))
+    faces = np.random.default_rng(0).integers(0, 256, (3, 112, 112, 3), dtype=np.uint8)
+    out = emb.embed(faces)
+    assert out.shape == (3, 16) and np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
+    import cv2
+    small = np.stack([cv2.resize(f, (32, 32), interpolation=cv2.INTER_AREA) for f in faces])
+    assert np.allclose(emb.embed(small), out, atol=1e-6)

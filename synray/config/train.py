@@ -177,6 +177,8 @@ class ScalingConfig(StrictModel):
     num_workers: int | tuple[int, int] = 1
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
+    #: extra custom resources per worker, e.g. ``{gpu_node: 1}`` to place one worker per node of a type
+    resources: dict[str, float] = {}
     amp: bool | None = None  # mixed precision; default on with GPUs
     torch_threads: int | None = Field(None, ge=1)
 
@@ -188,6 +190,15 @@ class ScalingConfig(StrictModel):
                 raise ValueError(f"num_workers [min, max] needs 1 <= min <= max, got {list(v)}")
         elif v < 1:
             raise ValueError(f"num_workers must be >= 1, got {v}")
+        return v
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if name in ("CPU", "GPU") or amount <= 0:
+                raise ValueError(f"resources: {name}={amount} must be a custom resource > 0 "
+                                 "(CPUs and GPUs come from cpus_per_worker and use_gpu)")
         return v
 
     @property

@@ -81,14 +81,16 @@ def fit_images(images: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
     """Bring [N, H, W, 3] images to ``image_size`` (H, W).
 
     112x112 ArcFace-aligned faces become SynFace's 112x96 by cutting 8 columns each side: the
-    ArcFace template is the 96x112 face.evoLVe template shifted by 8 px. Other sizes are resized.
+    ArcFace template is the 96x112 face.evoLVe template shifted by 8 px. Other sizes are resized
+    (area averaging when shrinking, as the training loader does, so a small model sees what it learnt on).
     """
     h, w = image_size
     if images.shape[1:3] == (h, w):
         return images
     if images.shape[1:3] == (112, 112) and (h, w) == (112, 96):
         return np.ascontiguousarray(images[:, :, 8:104])
-    return np.stack([cv2.resize(im, (w, h), interpolation=cv2.INTER_LINEAR) for im in images])
+    interp = cv2.INTER_AREA if images.shape[1] > h else cv2.INTER_LINEAR
+    return np.stack([cv2.resize(im, (w, h), interpolation=interp) for im in images])
 
 
 def _order_key(path: Path) -> tuple[int, str]:

@@ -610,7 +610,7 @@ def run_training(cfg: TrainConfig, workdir: str | None = None) -> TrainOutcome:
             train_loop_per_worker,
             train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan_dict, "quiet": quiet},
             scaling_config=ray.train.ScalingConfig(
-                num_workers=workers, use_gpu=scaling.use_gpu, resources_per_worker={"CPU": scaling.cpus_per_worker},
+                num_workers=workers, use_gpu=scaling.use_gpu, resources_per_worker={"CPU": scaling.cpus_per_worker, **scaling.resources},
             ),
             run_config=ray.train.RunConfig(
                 name=cfg.name, storage_path=storage_path, storage_filesystem=fs,
