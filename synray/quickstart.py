@@ -177,7 +177,20 @@ def distill_real_assets(cfg: QuickstartConfig, bins: str, tracking: list[str]) -
     return {"metrics": outcome.metrics, "verification": outcome.verification, "student": outcome.student_uri}
 
 
-def run_quickstart(cfg: QuickstartConfig, rebuild_assets: bool = False, distill: bool = False) -> dict[str, Any]:
+def assets_summary(folder: str, meta: dict[str, Any]) -> str:
+    """What a build of the world assets reached, for the console."""
+    lines = [f"world assets in {folder}:"]
+    for name, v in (meta.get("teacher_verification") or {}).items():
+        lines.append(f"  teacher {name:<16} {100 * v['accuracy']:6.2f}%")
+    for key in ("loss", "loss_ema"):
+        if key in (meta.get("ldm_metrics") or {}):
+            lines.append(f"  LDM {key:<20} {meta['ldm_metrics'][key]:.4f}")
+    return "\n".join(lines)
+
+
+def run_quickstart(cfg: QuickstartConfig, rebuild_assets: bool = False, distill: bool = False,
+                   assets_only: bool = False) -> dict[str, Any]:
+    """The whole protocol; ``assets_only`` stops after (re)building the teacher and LDM."""
     from synray.runtime import init_ray
     from synray.tracking import job_run, mlflow_ui_hint, resolve_tracking_uri
 
@@ -193,8 +206,13 @@ def run_quickstart(cfg: QuickstartConfig, rebuild_assets: bool = False, distill:
             # no shipped checkpoints in this install: build them once into the output folder and reuse them
             folder = os.path.join(cfg.output, "assets")
             rebuild_assets = not has_assets(folder)
-        if rebuild_assets:
-            build_assets(cfg, real_uri, bins, folder, tracking)
+        if rebuild_assets or assets_only:
+            meta = build_assets(cfg, real_uri, bins, folder, tracking)
+            if assets_only:
+                table = assets_summary(folder, meta)
+                tracker.log_text(table, "assets.txt")
+                return {"table": table, "assets": folder, "meta": meta, "seconds": time.perf_counter() - t0,
+                        "mlflow": uri, "hint": mlflow_ui_hint(uri)}
         assets = load_assets(folder)
         synth_uri, synth_summary = synthesize(cfg, assets, tracking)
         synthetic = train_student(cfg, "student_synthetic", synth_uri, bins, tracking)

@@ -15,6 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--distill", action="store_true", help="also distil a student from the dlib teacher on DCGAN faces")
     p.add_argument("--rebuild-assets", action="store_true",
                    help="retrain the shipped world teacher and LDM first (what produced synray/assets/world)")
+    p.add_argument("--assets-only", action="store_true",
+                   help="only (re)build the world teacher and LDM into assets=DIR (default: synray/assets/world)")
     p.set_defaults(func=run)
 
 
@@ -32,9 +34,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(path if os.path.exists(path) else None, QuickstartConfig, overrides)
     if args.quiet:
         os.environ["SYNRAY_QUIET"] = "1"
-    result = run_quickstart(cfg, rebuild_assets=args.rebuild_assets, distill=args.distill)
+    result = run_quickstart(cfg, rebuild_assets=args.rebuild_assets, distill=args.distill, assets_only=args.assets_only)
     print()
     print(result["table"])
-    print(f"\ntook {result['seconds']:.0f} s; results in {cfg.output}/results.json")
+    done = f"assets in {result['assets']}" if args.assets_only else f"results in {cfg.output}/results.json"
+    print(f"\ntook {result['seconds']:.0f} s; {done}")
     print(result["hint"])
     return 0
