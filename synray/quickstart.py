@@ -22,10 +22,10 @@ from synray.config.jobs import load_job_config
 from synray.config.quickstart import QuickstartConfig
 
 ASSET_FILES = ("teacher.pt", "generator.json", "unet.ckpt", "vq_decoder.pt")
-#: ``--tiny``: CI-sized (about 3 minutes on 2 cores)
-TINY = ["world.train_identities=48", "world.images_per_identity=8", "world.verification_pairs=300",
-        "synth_identities=48", "synth_images_per_identity=8", "teacher_epochs=4", "student_epochs=4",
-        "ldm_steps=300", "vq_fit_steps=60"]
+#: ``--tiny``: CI size (about 2.5 minutes on 2 cores with the shipped assets; a tiny ``--rebuild-assets`` adds 3-4)
+TINY = ["world.train_identities=48", "world.images_per_identity=16", "world.verification_pairs=300",
+        "synth_identities=48", "synth_images_per_identity=16", "teacher_epochs=4", "student_epochs=10",
+        "ldm_steps=300", "vq_fit_steps=60", "distill.iterations_per_epoch=4", "distill.epochs=2", "distill.batch_size=16"]
 
 
 def packaged_assets() -> str:
@@ -152,13 +152,14 @@ def synthesize(cfg: QuickstartConfig, assets: dict[str, Any], tracking: list[str
     return uri, run_synthesis(job)
 
 
-def results_table(real, synthetic, synth_summary: dict) -> str:
-    sets = [k for k in (real.verification or {}) if k != "average"]
-    head = f"{'training data':<22}" + "".join(f"{s:>16}" for s in sets) + f"{'average':>10}"
+def results_table(rows: list[tuple[str, dict | None]], synth_summary: dict) -> str:
+    """``rows``: (label, verification dict) per student; one column per verification set."""
+    sets = [k for k in (rows[0][1] or {}) if k != "average"]
+    head = f"{'training data':<26}" + "".join(f"{s:>16}" for s in sets) + f"{'average':>10}"
     lines = [head, "-" * len(head)]
-    for label, outcome in (("real (baseline)", real), ("synthetic (LDM)", synthetic)):
-        v = outcome.verification or {}
-        lines.append(f"{label:<22}" + "".join(f"{100 * v[s]['accuracy']:>15.2f}%" if v.get(s) else f"{'n/a':>16}" for s in sets)
+    for label, v in rows:
+        v = v or {}
+        lines.append(f"{label:<26}" + "".join(f"{100 * v[s]['accuracy']:>15.2f}%" if v.get(s) else f"{'n/a':>16}" for s in sets)
                      + (f"{100 * v['average']['accuracy']:>9.2f}%" if "average" in v else f"{'n/a':>10}"))
     lines.append("")
     lines.append(f"synthetic images generated: {synth_summary['images_written']}  "
@@ -166,15 +167,15 @@ def results_table(real, synthetic, synth_summary: dict) -> str:
     return "\n".join(lines)
 
 
-def distill_real_assets(cfg: QuickstartConfig, bins: str, tracking: list[str]) -> dict[str, Any]:
+def distill_real_assets(cfg: QuickstartConfig, bins: str, tracking: list[str]):
     """SynthDistill with real offline assets: the DigiFace DCGAN in the loop, dlib's ResNet as the teacher."""
     from synray.distill.loop import run_distill
 
-    job = load_job_config(_root("conf/distill/dcgan_dlib.yaml"), [
+    d = cfg.distill
+    job = load_job_config(_root(d.config), [
         f"output.uri={os.path.join(cfg.output, 'distill')}", f"eval.bins=[{bins}]",
-        "iterations_per_epoch=20", "epochs=3", "batch_size=32", *tracking])
-    outcome = run_distill(job)
-    return {"metrics": outcome.metrics, "verification": outcome.verification, "student": outcome.student_uri}
+        f"iterations_per_epoch={d.iterations_per_epoch}", f"epochs={d.epochs}", f"batch_size={d.batch_size}", *tracking])
+    return run_distill(job)
 
 
 def assets_summary(folder: str, meta: dict[str, Any]) -> str:
@@ -217,17 +218,22 @@ def run_quickstart(cfg: QuickstartConfig, rebuild_assets: bool = False, distill:
         synth_uri, synth_summary = synthesize(cfg, assets, tracking)
         synthetic = train_student(cfg, "student_synthetic", synth_uri, bins, tracking)
         real = train_student(cfg, "student_real", real_uri, bins, tracking)
-        table = results_table(real, synthetic, synth_summary)
+        rows = [("real (baseline)", real.verification), ("synthetic (LDM)", synthetic.verification)]
         result = {
-            "table": table,
             "real": real.verification, "synthetic": synthetic.verification,
             "images_generated": synth_summary["images_written"], "images_per_second": synth_summary["images_per_second"],
-            "seconds": time.perf_counter() - t0, "mlflow": uri,
+            "mlflow": uri,
         }
         if distill:
-            result["distill"] = distill_real_assets(cfg, bins, tracking)
+            distilled = distill_real_assets(cfg, bins, tracking)
+            rows.append(("distilled (DCGAN + dlib)", distilled.verification))
+            result["distill"] = {"verification": distilled.verification, "metrics": distilled.metrics,
+                                 "student": distilled.student_uri}
+        result["table"] = table = results_table(rows, synth_summary)
+        result["seconds"] = time.perf_counter() - t0
         tracker.log_text(table, "results.txt")
-        for label, v in (("real", real.verification), ("synthetic", synthetic.verification)):
+        for label, v in (("real", real.verification), ("synthetic", synthetic.verification),
+                         ("distilled", (result.get("distill") or {}).get("verification"))):
             tracker.log_metrics({f"{label}/{k}": x["accuracy"] for k, x in (v or {}).items()})
         tracker.log_metrics({"images_generated": result["images_generated"], "images_per_second": result["images_per_second"],
                              "seconds": result["seconds"]})

@@ -28,6 +28,15 @@ class StageConfig(StrictModel):
     overrides: list[str] = Field(default_factory=list)
 
 
+class DistillStageConfig(StrictModel):
+    """``--distill``: SynthDistill with the real offline pair (DigiFace DCGAN in the loop, dlib teacher)."""
+
+    config: str = "conf/distill/dcgan_dlib.yaml"
+    iterations_per_epoch: int = Field(20, ge=1)
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(32, ge=2)
+
+
 class QuickstartConfig(StrictModel):
     kind: Literal["quickstart"] = "quickstart"
     output: str = "outputs/quickstart"
@@ -46,4 +55,5 @@ class QuickstartConfig(StrictModel):
     student: StageConfig = StageConfig(config="conf/train/world_tiny.yaml")
     teacher: StageConfig = StageConfig(config="conf/train/world_tiny.yaml")
     ldm: StageConfig = StageConfig(config="conf/ldm/world_tiny.yaml")
+    distill: DistillStageConfig = DistillStageConfig()
     tracking: TrackingConfig = TrackingConfig(experiment="synray-quickstart")
