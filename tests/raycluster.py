@@ -7,8 +7,21 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psutil
+
+
+@contextmanager
+def ray_tmpdir(monkeypatch, prefix: str) -> Iterator[str]:
+    """A short private temp dir that also holds Ray's session files (Unix socket paths have a length limit)."""
+    tmp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", tmp)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class RayHead:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import tempfile
 import threading
 import time
 
@@ -55,12 +54,10 @@ def synth_config(uri: str) -> SynthConfig:
 
 
 def test_gpu_node_loss_mid_synthesis_keeps_every_identity_exactly_once(monkeypatch):
-    tmp = tempfile.mkdtemp(prefix="srloss-", dir="/tmp")  # short: Unix socket paths live under it
-    monkeypatch.setenv("RAY_TMPDIR", tmp)
-    try:
+    from raycluster import ray_tmpdir
+
+    with ray_tmpdir(monkeypatch, "srloss-") as tmp:
         _node_loss_scenario(tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _node_loss_scenario(tmp: str) -> None:

@@ -12,8 +12,6 @@ written once.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -60,12 +58,10 @@ def _registered_steps(run_dir: Path) -> list[int]:
 
 
 def test_node_loss_mid_training_resumes_on_fewer_workers(monkeypatch):
-    tmp = tempfile.mkdtemp(prefix="srtrn-", dir="/tmp")  # short: Unix socket paths live under it
-    monkeypatch.setenv("RAY_TMPDIR", tmp)
-    try:
+    from raycluster import ray_tmpdir
+
+    with ray_tmpdir(monkeypatch, "srtrn-") as tmp:
         _scenario(tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _scenario(tmp: str) -> None:

@@ -34,6 +34,7 @@ from synray.config.distill import DistillConfig
 from synray.distill.generators import LatentGenerator, build_latent_generator, face_crops
 from synray.distill.teachers import Teacher, load_teacher, model_input, raw_embedding
 from synray.models.registry import build_backbone
+from synray.training.collective import all_reduce_sum
 from synray.training.resample import kd_loss, resample_latents
 
 __all__ = [
@@ -181,16 +182,6 @@ class LoopHooks:
     stop_after_epoch: int | None = None  # tests: stop (as if killed) after reporting this epoch
 
 
-def _all_reduce(values: list[float], device: torch.device, world_size: int) -> list[float]:
-    if world_size == 1:
-        return values
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 def distill_loop(cfg: DistillConfig, hooks: LoopHooks) -> dict[str, Any]:
     """Run (or resume) the distillation; reports metrics and a checkpoint after every epoch."""
     d = Distiller(cfg, hooks.rank, hooks.world_size, hooks.device, hooks.wrap)
@@ -204,7 +195,7 @@ def distill_loop(cfg: DistillConfig, hooks: LoopHooks) -> dict[str, Any]:
 
     def val() -> tuple[float, float]:
         v = d.validate()
-        mse, cos, rows = _all_reduce([v["mse_sum"], v["cos_sum"], v["rows"]], d.device, hooks.world_size)
+        mse, cos, rows = all_reduce_sum([v["mse_sum"], v["cos_sum"], v["rows"]], d.device, hooks.world_size)
         return mse / rows, cos / rows
 
     if cos_initial is None:
@@ -223,7 +214,7 @@ def distill_loop(cfg: DistillConfig, hooks: LoopHooks) -> dict[str, Any]:
         lr = d.optimizer.param_groups[0]["lr"]
         d.scheduler.step()
         epoch += 1
-        loss, loss2, cos = (np.asarray(_all_reduce(list(sums), d.device, hooks.world_size)) /
+        loss, loss2, cos = (np.asarray(all_reduce_sum(list(sums), d.device, hooks.world_size)) /
                             (cfg.iterations_per_epoch * hooks.world_size))
         val_mse, val_cos = val()
         metrics = {

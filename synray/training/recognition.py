@@ -36,6 +36,7 @@ from synray.models.registry import build_backbone, normalize_images
 from synray.training import schedules
 from synray.training.cfsm_aug import adversarial_styles, real_synth_indices
 from synray.training.checkpointing import CheckpointReader, TrainingMeta, run_storage, write_rank_files
+from synray.training.collective import all_reduce_sum
 from synray.training.data import DataError, DatasetInfo, dataset_info
 from synray.training.mixup import SYNFACE_LAMBDAS, Target, mix_images, sample_lambda, synface_targets
 from synray.training.partial_fc import ShardedClassifier, class_split
@@ -405,16 +406,6 @@ def _evaluate(learner: Learner, cfg: TrainConfig) -> dict[str, dict[str, float]]
                          image_size=learner.plan.image_size)
 
 
-def _all_reduce_stats(values: list[float], device: torch.device, world_size: int) -> list[float]:
-    if world_size == 1:
-        return values
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 def train_loop_per_worker(loop_config: dict) -> None:
     """The Ray Train worker function (one per rank)."""
     import ray.train
@@ -448,7 +439,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     every = cfg.checkpoint.every_steps
 
     def report(stats: EpochStats, epoch_done: int, in_epoch: int, eval_results: dict | None) -> None:
-        loss_sum, steps, correct, rows, images = _all_reduce_stats(
+        loss_sum, steps, correct, rows, images = all_reduce_sum(
             [stats.loss_sum, stats.steps, stats.correct, stats.rows, stats.images], device, world)
         metrics: dict[str, Any] = {
             "epoch": epoch_done, "step": global_step, "step_in_epoch": in_epoch, "world_size": world,
@@ -524,33 +515,6 @@ class TrainOutcome:
     plan: dict[str, Any]
 
 
-def _mlflow_callback(uri: str, run_id: str):
-    from ray.train import UserCallback
-
-    class MLflowMetrics(UserCallback):
-        """Logs rank 0's reported metrics to the job's MLflow run (runs in the Train controller)."""
-
-        def __init__(self) -> None:
-            self.uri, self.run_id = uri, run_id
-
-        def after_report(self, run_context, metrics, checkpoint) -> None:
-            if not metrics:
-                return
-            try:
-                from mlflow.entities import Metric
-                from mlflow.tracking import MlflowClient
-
-                m = metrics[0]
-                step, now = int(m.get("step", 0)), int(time.time() * 1000)
-                items = [Metric(k, float(v), now, step) for k, v in m.items()
-                         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
-                MlflowClient(self.uri).log_batch(self.run_id, metrics=items)
-            except Exception as exc:  # tracking must never stop training
-                print(f"[synray train] MLflow logging failed: {exc}", flush=True)
-
-    return MLflowMetrics()
-
-
 def build_datasets(cfg: TrainConfig, plan: TrainPlan, train: DatasetInfo, real: DatasetInfo | None) -> dict:
     from synray.training.data import build_dataset
 
@@ -590,6 +554,7 @@ def run_training(cfg: TrainConfig, workdir: str | None = None) -> TrainOutcome:
     from synray.io import storage
     from synray.runtime import init_ray, is_quiet
     from synray.tracking import job_run, resolve_tracking_uri
+    from synray.tuning.tracking import TrainMetricsToMLflow
 
     plan, train, real = plan_training(cfg)  # before any Ray work: bad data fails fast
     init_ray(cfg.ray)
@@ -603,7 +568,7 @@ def run_training(cfg: TrainConfig, workdir: str | None = None) -> TrainOutcome:
         tracker.log_params({"plan.num_classes": plan.num_classes, "plan.train_rows": plan.train_rows})
         callbacks = []
         if tracker.run_id is not None:
-            callbacks.append(_mlflow_callback(resolve_tracking_uri(cfg.tracking, workdir), tracker.run_id))
+            callbacks.append(TrainMetricsToMLflow(resolve_tracking_uri(cfg.tracking, workdir), tracker.run_id, "train"))
         scaling = cfg.scaling
         workers = tuple(scaling.num_workers) if isinstance(scaling.num_workers, tuple) else scaling.num_workers
         trainer = TorchTrainer(
