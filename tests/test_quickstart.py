@@ -70,9 +70,12 @@ def test_tiny_quickstart_end_to_end(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "qs" / "assets-build").exists()  # nothing rebuilt: the shipped assets were used
     result = json.loads((tmp_path / "qs" / "results.json").read_text())
     assert result["images_generated"] == 48 * 16
-    real, syn = result["real"]["average"]["accuracy"], result["synthetic"]["average"]["accuracy"]
-    assert real > 0.7, result["table"]   # the baseline is recorded and learnt the world
-    assert syn > 0.6, result["table"]    # the papers' claim at CI size: a synthetic-only student well above chance
+    acc = {k: {s: v["accuracy"] for s, v in result[k].items()} for k in ("real", "synthetic")}
+    # the baseline is recorded and learnt the world (seen at CI size: frontal 87.7-88.0%, average 71.0-74.3%)
+    assert acc["real"]["world-frontal"] > 0.8 and acc["real"]["average"] > 0.65, result["table"]
+    # the papers' claim at CI size: a synthetic-only student well above chance (0.5); seen: frontal 76.0-78.3%,
+    # average 68.0-69.2%
+    assert acc["synthetic"]["world-frontal"] > 0.65 and acc["synthetic"]["average"] > 0.6, result["table"]
     for name in ("world-frontal", "world-hard"):
         assert name in result["real"] and name in result["synthetic"]
     if distill:
@@ -85,7 +88,7 @@ def test_tiny_quickstart_end_to_end(tmp_path, monkeypatch, capsys):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["synray-quickstart"], output_format="list")
     top = [r for r in runs if r.data.tags.get("synray.job") == "quickstart"]
-    assert top and top[0].data.metrics["synthetic/average"] == pytest.approx(syn)
+    assert top and top[0].data.metrics["synthetic/average"] == pytest.approx(acc["synthetic"]["average"])
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(top[0].info.run_id)}
     assert "results.txt" in arts
 
