@@ -116,9 +116,10 @@ def test_world_assets_rebuild_within_tolerance_at_tiny_size(tmp_path, monkeypatc
     for name in SHIPPED_FILES:
         built, shipped = _tensors(str(dest / name)), _tensors(os.path.join(packaged_assets(), name))
         assert {k: tuple(v.shape) for k, v in built.items()} == {k: tuple(v.shape) for k, v in shipped.items()}, name
+    # seen: teacher frontal 89.7-92.7%, hard 62.0-64.3%; LDM loss at step 300 equal to 5 significant digits
     for name, ref in record["teacher_verification"].items():
         got = meta["teacher_verification"][name]["accuracy"]
-        assert abs(got - ref["accuracy"]) <= 0.08, (name, got, ref["accuracy"])
+        assert abs(got - ref["accuracy"]) <= (0.1 if name == "world-hard" else 0.08), (name, got, ref["accuracy"])
     got, ref = meta["ldm_metrics"]["loss"], record["ldm_metrics"]["loss"]
     assert meta["ldm_metrics"]["step"] == record["ldm_metrics"]["step"]
-    assert abs(got - ref) <= 0.4 * ref, (got, ref)
+    assert abs(got - ref) <= 0.1 * ref, (got, ref)
