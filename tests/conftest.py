@@ -141,3 +141,19 @@ def ray_session(s3_server):
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def world_teacher(tmp_path_factory):
+    """A small FR model trained on 48 world identities, 32-d at 32x32 (distillation, LDM and sweep tests)."""
+    import torch
+
+    from synray.distill.teachers import fit_world_teacher
+
+    torch.set_num_threads(1)  # two busy-waiting threads on 2 shared cores are many times slower
+    path = tmp_path_factory.getbasetemp() / "world_teacher_32.pt"
+    if not path.exists():
+        kwargs = {"layers": (1, 1, 1, 1), "widths": (8, 16, 32, 64), "embedding_dim": 32, "input_size": (32, 32)}
+        stats = fit_world_teacher(path, num_identities=48, images_per_identity=6, steps=80, batch_size=32, kwargs=kwargs)
+        assert stats["train_accuracy"] > 0.3  # far above chance (1/48) after 80 steps
+    return path

@@ -28,26 +28,11 @@ from synray.training.resample import crop_and_resize
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT = {"name": "iresnet18", "kwargs": {"layers": [1, 1, 1, 1], "widths": [8, 16, 16, 32], "embedding_dim": 32,
                                            "input_size": [32, 32]}}
-TEACHER_KW = {"layers": (1, 1, 1, 1), "widths": (8, 16, 32, 64), "embedding_dim": 32, "input_size": (32, 32)}
 
 
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="session")
-def world_teacher(tmp_path_factory):
-    """A small FR model trained on 48 world identities (shared by the distillation and sweep tests)."""
-    from synray.distill.teachers import fit_world_teacher
-
-    torch.set_num_threads(1)  # two busy-waiting threads on 2 shared cores are many times slower
-    path = tmp_path_factory.getbasetemp() / "world_teacher_32.pt"
-    if not path.exists():
-        stats = fit_world_teacher(path, num_identities=48, images_per_identity=6, steps=80, batch_size=32,
-                                  kwargs=TEACHER_KW)
-        assert stats["train_accuracy"] > 0.3  # far above chance (1/48) after 80 steps
-    return path
 
 
 def world_cfg(teacher, **over) -> DistillConfig:

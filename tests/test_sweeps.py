@@ -13,7 +13,6 @@ from synray.tuning.objectives import identity_metrics
 from synray.tuning.sweep import load_target, trial_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TEACHER_KW = {"layers": (1, 1, 1, 1), "widths": (8, 16, 32, 64), "embedding_dim": 32, "input_size": (32, 32)}
 
 
 @pytest.fixture(autouse=True)
@@ -21,19 +20,7 @@ def _threads():
     torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="session")
-def teacher(tmp_path_factory):
-    """The cached world FR model of the distillation tests (trained here if this file runs alone)."""
-    from synray.distill.teachers import fit_world_teacher
-
-    torch.set_num_threads(1)
-    path = tmp_path_factory.getbasetemp() / "world_teacher_32.pt"
-    if not path.exists():
-        fit_world_teacher(path, num_identities=48, images_per_identity=6, steps=80, batch_size=32, kwargs=TEACHER_KW)
-    return path
-
-
-def test_sweep_configs_validate_every_searched_value(tmp_path, teacher):
+def test_sweep_configs_validate_every_searched_value(tmp_path, world_teacher):
     conf = str(ROOT / "conf/sweep/world_distill_tiny.yaml")
     cfg = load_job_config(conf, [f"base={ROOT / 'conf/distill/world_tiny.yaml'}"])
     base = load_target(cfg)
@@ -70,7 +57,7 @@ def test_identity_metrics():
         identity_metrics(tight[:5], labels[:5])
 
 
-def test_random_search_space_and_student_accuracy_objective(tmp_path, teacher):
+def test_random_search_space_and_student_accuracy_objective(tmp_path, world_teacher):
     from ray import tune
 
     from synray.config.sweep import ObjectiveConfig
@@ -107,11 +94,11 @@ def child_runs(uri, experiment, parent):
 
 
 @pytest.mark.ray
-def test_distill_sweep_in_mlflow_and_resumed_with_tuner_restore(ray_session, teacher, tmp_path, capsys):
+def test_distill_sweep_in_mlflow_and_resumed_with_tuner_restore(ray_session, world_teacher, tmp_path, capsys):
     from synray.tuning.command import sweep
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    over = [f"base={ROOT / 'conf/distill/world_tiny.yaml'}", f"overrides=[teacher={teacher}, epochs=2, "
+    over = [f"base={ROOT / 'conf/distill/world_tiny.yaml'}", f"overrides=[teacher={world_teacher}, epochs=2, "
             "iterations_per_epoch=3, validation.batches=1]", f"output.uri={tmp_path}/sweeps", f"tracking.uri={uri}",
             "tracking.experiment=t-sweep", "trial_max_failures=0",
             f"fault_injection={{after_reports: 1, marker: {tmp_path}/failed-once}}"]
@@ -138,7 +125,7 @@ def test_distill_sweep_in_mlflow_and_resumed_with_tuner_restore(ray_session, tea
 
 
 @pytest.mark.ray
-def test_ldm_cpd_sweep_with_asha_on_an_mlflow_server(ray_session, teacher, tmp_path, mlflow_server):
+def test_ldm_cpd_sweep_with_asha_on_an_mlflow_server(ray_session, world_teacher, tmp_path, mlflow_server):
     from synray.config.jobs import load_job_config as load
     from synray.synthesis.pipeline import run_local
     from synray.tuning.command import sweep
@@ -146,7 +133,7 @@ def test_ldm_cpd_sweep_with_asha_on_an_mlflow_server(ray_session, teacher, tmp_p
     run_local(load(ROOT / "conf/synth/world.yaml", [
         f"output.uri={tmp_path}/world", "identities.count=4", "identities.unit_size=4",
         "generator.images_per_identity=4", "tracking.enabled=false"]))
-    base = [f"data.path={tmp_path}/world", f"contexts.embedder={teacher}", f"output.uri={tmp_path}/ldm",
+    base = [f"data.path={tmp_path}/world", f"contexts.embedder={world_teacher}", f"output.uri={tmp_path}/ldm",
             "vq.fit.steps=20", "vq.fit.n_embed=64", "training.steps=4", "training.checkpoint_every=2",
             "training.batch_size=4", "data.unit_size=16"]
     out = sweep(str(ROOT / "conf/sweep/world_ldm_cpd_tiny.yaml"), [

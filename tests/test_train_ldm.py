@@ -18,7 +18,6 @@ from synray.training.ldm import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-TEACHER_KW = {"layers": (1, 1, 1, 1), "widths": (8, 16, 32, 64), "embedding_dim": 32, "input_size": (32, 32)}
 UNET = {"initial_channels": 32, "channel_multipliers": [1, 2], "is_attention": [False, True],
         "n_blocks_per_resolution": 1, "context_channels": 32}
 VQ = {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "resolution": 32}
@@ -27,18 +26,6 @@ VQ = {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "resolution": 32}
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="session")
-def embedder(tmp_path_factory):
-    """A world FR model (the same cached one the distillation tests train) as the context embedder."""
-    from synray.distill.teachers import fit_world_teacher
-
-    torch.set_num_threads(1)
-    path = tmp_path_factory.getbasetemp() / "world_teacher_32.pt"
-    if not path.exists():
-        fit_world_teacher(path, num_identities=48, images_per_identity=6, steps=80, batch_size=32, kwargs=TEACHER_KW)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +86,7 @@ def test_list_images_casia_layout_and_context_files(faces, tmp_path):
         list_images(ldm_cfg(tmp_path / "empty", tmp_path, contexts={"source": "file", "path": "c.npy"}))
 
 
-def test_config_errors_name_the_key(faces, tmp_path, embedder):
+def test_config_errors_name_the_key(faces, tmp_path, world_teacher):
     with pytest.raises(ConfigError, match="vq.fit.steps > 0"):
         load_config(None, LDMConfig, ["data.path=x", "vq.encoder=null", "vq.decoder=null"])
     with pytest.raises(ConfigError, match="contexts.embedder is required"):
@@ -108,14 +95,14 @@ def test_config_errors_name_the_key(faces, tmp_path, embedder):
         load_config(None, LDMConfig, ["data.path=x", "unet.architecture={context_dropout: 0.5}"])
     with pytest.raises(ConfigError, match="unet.context_dropout"):
         load_config(None, LDMConfig, ["data.path=x", "unet.context_dropout=1.5"])
-    cfg = ldm_cfg(faces, tmp_path, embedder, unet={"architecture": {**UNET, "context_input_channels": 512}})
+    cfg = ldm_cfg(faces, tmp_path, world_teacher, unet={"architecture": {**UNET, "context_input_channels": 512}})
     with pytest.raises(LDMDataError, match="context_input_channels is 512 but the contexts are 32-d"):
         unet_config(cfg, 32)
     from synray.cli import main
 
     assert main(["train-ldm", str(ROOT / "conf/ldm/world_tiny.yaml"), "--set", f"data.path={tmp_path}/none"]) == 2
     assert main(["train-ldm", str(ROOT / "conf/ldm/world_tiny.yaml"), "--set", "training.steps=0"]) == 2
-    uc = unet_config(ldm_cfg(faces, tmp_path, embedder, unet={"flavour": "uiface", "context_dropout": 0.5,
+    uc = unet_config(ldm_cfg(faces, tmp_path, world_teacher, unet={"flavour": "uiface", "context_dropout": 0.5,
                                                              "architecture": UNET}), 32)
     assert uc.context_dropout == 0.5 and uc.learn_empty_context and uc.unconditioned_probability == 0.2
 
@@ -138,11 +125,11 @@ def test_fitted_first_stage_reconstructs_and_quantises(faces):
 
 # --- training, checkpoints, resume ----------------------------------------------------------------
 
-def test_local_training_writes_the_published_layout_and_resumes(faces, tmp_path, embedder, reference):
+def test_local_training_writes_the_published_layout_and_resumes(faces, tmp_path, world_teacher, reference):
     from synray.models.ldm_checkpoint import infer_unet_config, load_unet, normalize_unet_state
     from synray.models.checkpoint import read_checkpoint
 
-    cfg = ldm_cfg(faces, tmp_path / "out", embedder)
+    cfg = ldm_cfg(faces, tmp_path / "out", world_teacher)
     info = prepare_latents(cfg, use_ray=False)
     assert info.rows == 24 and info.latent_shape == (3, 16, 16) and info.context_dim == 32 and len(info.files) == 3
     first_stage = json.loads(Path(info.first_stage, "vq_config.json").read_text())
@@ -184,7 +171,7 @@ def test_local_training_writes_the_published_layout_and_resumes(faces, tmp_path,
 
 @pytest.mark.ray
 @pytest.mark.slow  # two Ray Train runs (train, then resume) and a synthesis: 1.5-5 min on the shared 2 cores
-def test_train_ldm_on_ray_then_synthesize(ray_session, embedder, tmp_path):
+def test_train_ldm_on_ray_then_synthesize(ray_session, world_teacher, tmp_path):
     """World shards -> ``synray train-ldm`` (UIFace flavour, 2 DDP workers, Ray tasks encode) -> resume -> ``synth``."""
     import mlflow
 
@@ -199,7 +186,7 @@ def test_train_ldm_on_ray_then_synthesize(ray_session, embedder, tmp_path):
         "generator.images_per_identity=4", "tracking.enabled=false"])
     run_local(world)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    common = [f"data.path={tmp_path}/world", f"contexts.embedder={embedder}", f"output.uri={tmp_path}/ldm",
+    common = [f"data.path={tmp_path}/world", f"contexts.embedder={world_teacher}", f"output.uri={tmp_path}/ldm",
               f"tracking.uri={uri}", "tracking.experiment=t-ldm", "data.unit_size=12", "vq.fit.steps=40",
               "vq.fit.n_embed=64", "training.batch_size=4", "training.checkpoint_every=4", "training.log_every=2",
               "unet.flavour=uiface"]  # learnable empty context + uncond20 under DDP

@@ -55,6 +55,22 @@ class RayConfig(StrictModel):
     quiet: bool = False
 
 
+class WorkersConfig(StrictModel):
+    """Ray Train workers at a fixed count; GPUs use NCCL, CPUs gloo."""
+
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    torch_threads: int | None = Field(None, ge=1)
+
+
+class CheckpointConfig(StrictModel):
+    """Ray Train checkpoints kept, and how many worker-group failures are retried from the last one."""
+
+    num_to_keep: int | None = Field(2, ge=1)
+    max_failures: int = Field(1, ge=-1)
+
+
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = data

@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from synray.config.train import BackboneConfig
-from synray.config.base import OutputConfig, RayConfig, StrictModel, TrackingConfig
+from synray.config.base import CheckpointConfig, OutputConfig, RayConfig, StrictModel, TrackingConfig, WorkersConfig
+from synray.config.train import BackboneConfig, EvalConfig
 
 
 class WorldLatentConfig(StrictModel):
@@ -69,29 +69,6 @@ class ValidationConfig(StrictModel):
     batch_size: int | None = Field(None, ge=1)  # default: the training batch size
 
 
-class DistillEvalConfig(StrictModel):
-    """Verification of the student on insightface ``.bin`` sets after every ``every_epochs`` epochs."""
-
-    bins: list[str] = Field(default_factory=list)
-    batch_size: int = Field(256, ge=1)
-    flip: bool = True
-    every_epochs: int = Field(1, ge=1)
-
-
-class DistillScalingConfig(StrictModel):
-    """Ray Train workers; each generates its slice of the global batch (gloo on CPU, NCCL on GPU)."""
-
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0.0)
-    torch_threads: int | None = Field(None, ge=1)
-
-
-class DistillCheckpointConfig(StrictModel):
-    num_to_keep: int | None = Field(2, ge=1)
-    max_failures: int = Field(1, ge=-1)
-
-
 class DistillConfig(StrictModel):
     kind: Literal["distill"] = "distill"
     name: str = Field("distill", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")  # Ray Train run name: re-runs resume
@@ -108,9 +85,9 @@ class DistillConfig(StrictModel):
     epochs: int = Field(21, ge=1)
     optimizer: DistillOptimizerConfig = DistillOptimizerConfig()
     validation: ValidationConfig = ValidationConfig()
-    eval: DistillEvalConfig = DistillEvalConfig()
-    scaling: DistillScalingConfig = DistillScalingConfig()
-    checkpoint: DistillCheckpointConfig = DistillCheckpointConfig()
+    eval: EvalConfig = EvalConfig()  # the student, on .bin sets
+    scaling: WorkersConfig = WorkersConfig()  # each worker generates its slice of the global batch
+    checkpoint: CheckpointConfig = CheckpointConfig()
     output: OutputConfig = OutputConfig(uri="outputs/distill")
     tracking: TrackingConfig = TrackingConfig(experiment="synray-distill")
     ray: RayConfig = RayConfig()

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from synray.config.base import OutputConfig, RayConfig, StrictModel, TrackingConfig
+from synray.config.base import CheckpointConfig, OutputConfig, RayConfig, StrictModel, TrackingConfig, WorkersConfig
 
 
 class LDMDataConfig(StrictModel):
@@ -117,24 +117,12 @@ class LDMTrainingConfig(StrictModel):
     log_every: int = Field(100, ge=1)
 
 
-class LDMScalingConfig(StrictModel):
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0.0)
-    torch_threads: int | None = Field(None, ge=1)
-
-
 class EncodeConfig(StrictModel):
     """The encoding pre-stage (contexts + VQ latents once per image): one Ray task per unit."""
 
     num_cpus: float = Field(1.0, gt=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
     max_in_flight: int = Field(4, ge=1)
-
-
-class LDMCheckpointConfig(StrictModel):
-    num_to_keep: int | None = Field(2, ge=1)
-    max_failures: int = Field(1, ge=-1)
 
 
 class LDMConfig(StrictModel):
@@ -146,9 +134,9 @@ class LDMConfig(StrictModel):
     vq: LDMVQConfig = LDMVQConfig(encoder="first_stage_encoder_state_dict.pt", decoder="first_stage_decoder_state_dict.pt")
     unet: LDMUNetConfig = LDMUNetConfig()
     training: LDMTrainingConfig = LDMTrainingConfig()
-    scaling: LDMScalingConfig = LDMScalingConfig()
+    scaling: WorkersConfig = WorkersConfig()
     encode: EncodeConfig = EncodeConfig()
-    checkpoint: LDMCheckpointConfig = LDMCheckpointConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     output: OutputConfig = OutputConfig(uri="outputs/ldm")
     tracking: TrackingConfig = TrackingConfig(experiment="synray-ldm")
     ray: RayConfig = RayConfig()

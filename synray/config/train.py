@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from synray.config.base import OutputConfig, RayConfig, StrictModel, TrackingConfig
+from synray.config.base import CheckpointConfig, OutputConfig, RayConfig, StrictModel, TrackingConfig
 
 
 class BackboneConfig(StrictModel):
@@ -206,12 +206,10 @@ class ScalingConfig(StrictModel):
         return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
 
 
-class CheckpointingConfig(StrictModel):
+class CheckpointingConfig(CheckpointConfig):
     """Checkpoint after every epoch (and every ``every_steps`` steps if > 0); retries after failures."""
 
     every_steps: int = Field(0, ge=0)
-    num_to_keep: int | None = Field(2, ge=1)
-    max_failures: int = Field(1, ge=-1)
 
 
 class FaultInjectionConfig(StrictModel):

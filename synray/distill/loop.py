@@ -35,6 +35,7 @@ from synray.distill.generators import LatentGenerator, build_latent_generator, f
 from synray.distill.teachers import Teacher, load_teacher, model_input, raw_embedding
 from synray.models.registry import build_backbone
 from synray.training.collective import all_reduce_sum
+from synray.training.hooks import RunnerHooks
 from synray.training.resample import kd_loss, resample_latents
 
 __all__ = [
@@ -170,15 +171,7 @@ class Distiller:
 
 
 @dataclass
-class LoopHooks:
-    """How the loop talks to its runner: Ray Train (every rank reports) or a Tune trial (one process)."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: str | torch.device = "cpu"
-    wrap: Callable[[nn.Module], nn.Module] | None = None
-    report: Callable[[dict[str, Any], str | None], None] | None = None  # (metrics, checkpoint dir or None)
-    restore_dir: str | None = None  # a local copy of the checkpoint to resume from
+class LoopHooks(RunnerHooks):
     stop_after_epoch: int | None = None  # tests: stop (as if killed) after reporting this epoch
 
 

@@ -44,6 +44,7 @@ from synray.config.ldm import LDMConfig
 from synray.io import storage
 from synray.models.unet import FLAVOURS, ConditionalUNet, UNetConfig
 from synray.models.vq import VQConfig, VQDecoder, VQEncoder
+from synray.training.hooks import RunnerHooks
 
 __all__ = [
     "LDMDataError", "ImageItems", "list_images", "load_images", "load_context_file", "fit_first_stage",
@@ -591,13 +592,7 @@ class LDMLearner:
 
 
 @dataclass
-class LDMHooks:
-    rank: int = 0
-    world_size: int = 1
-    device: str | torch.device = "cpu"
-    wrap: Callable[[nn.Module], nn.Module] | None = None
-    report: Callable[[dict[str, Any], str | None], None] | None = None
-    restore_dir: str | None = None
+class LDMHooks(RunnerHooks):
     batches: Callable[[int], Iterator[dict[str, Any]]] | None = None  # pass index -> this rank's batches
     on_checkpoint: Callable[[LDMLearner], dict[str, float]] | None = None  # extra metrics (e.g. a sweep objective)
     stop_after_step: int | None = None  # tests: stop (as if killed) after the checkpoint at this step
