@@ -443,3 +443,8 @@ def test_train_configs_validate_and_reject_bad_values(tmp_path):
         load_config(None, TrainConfig, ["data.train=x", "mixup.domain.enabled=true"])
     with pytest.raises(ConfigError, match="num_workers"):
         load_config(None, TrainConfig, ["data.train=x", "scaling.num_workers=[3, 2]"])
+    with pytest.raises(ConfigError, match="scaling.resources.*GPU=1.0 must be a custom resource"):
+        load_config(None, TrainConfig, ["data.train=x", "scaling.resources={GPU: 1}"])
+    with pytest.raises(ConfigError, match="scaling.resources.*gpu_node=0.0"):
+        load_config(None, TrainConfig, ["data.train=x", "scaling.resources={gpu_node: 0}"])
+    assert load_config(None, TrainConfig, ["data.train=x", "scaling.resources={gpu_node: 1}"]).scaling.resources == {"gpu_node": 1.0}
