@@ -22,7 +22,7 @@ from synray.config.jobs import load_job_config
 from synray.config.quickstart import QuickstartConfig
 
 ASSET_FILES = ("teacher.pt", "generator.json", "unet.ckpt", "vq_decoder.pt")
-#: ``--tiny``: CI size (about 2.5 minutes on 2 cores with the shipped assets; a tiny ``--rebuild-assets`` adds 3-4)
+#: ``--tiny``: CI size (about 3 minutes on 2 cores with the shipped assets; a tiny ``--rebuild-assets`` adds 3)
 TINY = ["world.train_identities=48", "world.images_per_identity=16", "world.verification_pairs=300",
         "synth_identities=48", "synth_images_per_identity=16", "teacher_epochs=4", "student_epochs=10",
         "ldm_steps=300", "vq_fit_steps=60", "distill.iterations_per_epoch=4", "distill.epochs=2", "distill.batch_size=16"]
@@ -183,9 +183,8 @@ def assets_summary(folder: str, meta: dict[str, Any]) -> str:
     lines = [f"world assets in {folder}:"]
     for name, v in (meta.get("teacher_verification") or {}).items():
         lines.append(f"  teacher {name:<16} {100 * v['accuracy']:6.2f}%")
-    for key in ("loss", "loss_ema"):
-        if key in (meta.get("ldm_metrics") or {}):
-            lines.append(f"  LDM {key:<20} {meta['ldm_metrics'][key]:.4f}")
+    if "loss" in (meta.get("ldm_metrics") or {}):
+        lines.append(f"  LDM {'loss':<20} {meta['ldm_metrics']['loss']:.4f}")
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -14,7 +15,7 @@ from torch import nn
 from synray.evaluation.binset import read_bin
 from synray.evaluation.verification import evaluate, fuse_flip
 
-__all__ = ["embed", "find_bins", "fit_images", "evaluate_bins", "format_table", "STANDARD_ORDER"]
+__all__ = ["embed", "embed_faces", "find_bins", "fit_images", "evaluate_bins", "format_table", "STANDARD_ORDER"]
 
 #: the customary reporting order; other sets follow alphabetically.
 STANDARD_ORDER = ("lfw", "cfp_fp", "cfp_ff", "agedb_30", "calfw", "cplfw", "vgg2_fp")
@@ -91,6 +92,12 @@ def fit_images(images: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
         return np.ascontiguousarray(images[:, :, 8:104])
     interp = cv2.INTER_AREA if images.shape[1] > h else cv2.INTER_LINEAR
     return np.stack([cv2.resize(im, (w, h), interpolation=interp) for im in images])
+
+
+def embed_faces(model: nn.Module, images_uint8_rgb: np.ndarray, **kwargs: Any) -> np.ndarray:
+    """:func:`embed` after bringing the faces to the model's ``input_size`` (112x112 if it has none)."""
+    size = tuple(getattr(model, "input_size", (112, 112)))
+    return embed(model, fit_images(np.asarray(images_uint8_rgb), size), **kwargs)
 
 
 def _order_key(path: Path) -> tuple[int, str]:

@@ -1,8 +1,8 @@
 """FR embedders for context faces and identity-consistency scores.
 
 An embedder spec is ``"<backbone registry name>:<checkpoint path>"`` for published weights (e.g.
-``iresnet50:backbone.pth``) or the path of a synray checkpoint; weights load strictly with ``weights_only``. Images are uint8 RGB, aligned 112x112;
-they are brought to the backbone's own input size.
+``iresnet50:backbone.pth``) or the path of a synray checkpoint; weights load strictly with ``weights_only``.
+Images are uint8 RGB, aligned 112x112; they are brought to the backbone's own input size.
 """
 
 from __future__ import annotations
@@ -21,14 +21,12 @@ class Embedder:
     @torch.no_grad()
     def embed(self, images: np.ndarray) -> np.ndarray:
         """L2-normalised, flip-fused embeddings ``[N, D]`` of uint8 RGB images ``[N, H, W, 3]``."""
-        from synray.evaluation.evaluate import embed, fit_images
+        from synray.evaluation.evaluate import embed_faces
 
         if len(images) == 0:
             return np.zeros((0, 1), np.float32)
-        size = getattr(self.model, "input_size", None)
-        if size is not None:  # e.g. 112x112 context faces into a 32x32 world teacher
-            images = fit_images(np.asarray(images), tuple(size))
-        emb = np.asarray(embed(self.model, images, batch_size=self.batch_size, flip=True), np.float32)
+        # e.g. 112x112 context faces into a 32x32 world teacher
+        emb = np.asarray(embed_faces(self.model, images, batch_size=self.batch_size, flip=True), np.float32)
         return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
 
 

@@ -371,10 +371,9 @@ def encode_unit(unit: int, indices: list[int], items: ImageItems, first_stage: s
             lat.append(enc.encode(x).cpu())
             lat_f.append(enc.encode(x.flip(3)).cpu())
         if model is not None:
-            from synray.evaluation.evaluate import embed, fit_images
+            from synray.evaluation.evaluate import embed_faces
 
-            size = tuple(getattr(model, "input_size", (112, 112)))
-            ctx.append(np.asarray(embed(model, fit_images(images, size), flip=False), np.float32))
+            ctx.append(np.asarray(embed_faces(model, images, flip=False), np.float32))
     z, zf = torch.cat(lat).to(torch.float16).numpy(), torch.cat(lat_f).to(torch.float16).numpy()
     c = np.concatenate(ctx) if model is not None else np.asarray(contexts, np.float32)
     if len(c) != len(indices):

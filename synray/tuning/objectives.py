@@ -104,13 +104,12 @@ def ldm_objective(unet: nn.Module, decoder: nn.Module, embedder: nn.Module, cont
     Returns ``objective/consistency``, ``objective/separability``, ``objective/verification_accuracy``
     and, for ``student_accuracy``, ``objective/student_accuracy``.
     """
-    from synray.evaluation.evaluate import embed, fit_images
+    from synray.evaluation.evaluate import embed_faces
 
     m = objective.images_per_identity
     images = sample_identities(unet, decoder, contexts, m, latent_shape, objective.sampler_steps, seed)
     labels = np.repeat(np.arange(len(contexts)), m)
-    size = tuple(getattr(embedder, "input_size", (112, 112)))
-    emb = embed(embedder, fit_images(images, size), flip=False)
+    emb = embed_faces(embedder, images, flip=False)
     out = {f"objective/{k}": v for k, v in identity_metrics(emb, labels).items()}
     if objective.name == "student_accuracy":
         out["objective/student_accuracy"] = student_accuracy(images, labels, objective, seed)
