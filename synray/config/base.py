@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from synray.errors import UserError
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -21,7 +22,7 @@ _SECRET = re.compile(r"(secret|password|passwd|token|credential|access_key|api_k
 _URI_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override is unreadable, has an unknown key, or a bad value."""
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from synray.errors import UserError
 from synray.config.distill import DistillGeneratorConfig
 from synray.training.resample import crop_and_resize
 
@@ -39,7 +40,7 @@ __all__ = [
 ]
 
 
-class GeneratorError(RuntimeError):
+class GeneratorError(UserError, RuntimeError):
     """A generator cannot be loaded (missing code, package or file) or was given bad latents."""
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from synray.errors import UserError
 from synray.models.registry import normalize_images
 
 __all__ = [
@@ -34,7 +35,7 @@ __all__ = [
 ]
 
 
-class TeacherError(RuntimeError):
+class TeacherError(UserError, RuntimeError):
     """A teacher cannot be loaded (missing package or checkpoint) or was given bad input."""
 
 

@@ -13,10 +13,11 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from synray.errors import UserError
 from synray.io.images import ImageDecodeError, decode_image, encode_image
 
 
-class BinSetError(ValueError):
+class BinSetError(UserError, ValueError):
     """A ``.bin`` file is unreadable or malformed."""
 
 

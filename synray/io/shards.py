@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from synray.errors import UserError
 from synray.io import storage
 
 SCHEMA_VERSION = 1
@@ -45,7 +46,7 @@ SHARD_SCHEMA = pa.schema(
 REQUIRED = ("image", "identity", "sample", "kind", "seed", "height", "width")
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard or dataset folder is corrupt, foreign, or of an unknown schema version."""
 
 

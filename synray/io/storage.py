@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import pyarrow.fs as pafs
+from synray.errors import UserError
 
 
-class StorageError(OSError):
+class StorageError(UserError, OSError):
     """A storage URI cannot be reached, read or written."""
 
 

@@ -12,11 +12,12 @@ from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
+from synray.errors import UserError
 
 WRAPPER_PREFIXES = ("module.", "_module.", "_forward_module.")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, unreadable, or does not match the model."""
 
 

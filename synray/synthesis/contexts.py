@@ -17,10 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from synray.errors import UserError
 from synray.synthesis.seeds import CONTEXT, PARTNER, rng
 
 
-class ContextError(ValueError):
+class ContextError(UserError, ValueError):
     """A context source is missing, malformed or too small for the requested identities."""
 
 

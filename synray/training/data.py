@@ -20,6 +20,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from synray.errors import UserError
 from synray.io.images import decode_image
 from synray.io.shards import validate_dataset
 
@@ -32,7 +33,7 @@ __all__ = [
 SHARD_COLUMNS = ["image", "identity", "identity_b", "mix_weight"]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Training data is missing, too small or inconsistent with the config."""
 
 

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from synray.errors import UserError
 from synray.config.base import config_hash
 from synray.config.ldm import LDMConfig
 from synray.io import storage
@@ -60,7 +61,7 @@ MODEL_FILE, EMA_FILE, OPT_FILE, META_FILE = "model.ckpt", "ema_averaged_model.ck
 LATENT_SCHEMA_VERSION = 1
 
 
-class LDMDataError(ValueError):
+class LDMDataError(UserError, ValueError):
     """Training images, contexts or latents are missing or inconsistent with the config."""
 
 
