@@ -54,7 +54,6 @@ def setup(args: argparse.Namespace) -> None:
     global _QUIET
     _QUIET = bool(args.quiet)
     os.environ.pop("RAY_ADDRESS", None)  # never attach to someone else's cluster
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -49,7 +49,7 @@ def lay_down(cfg) -> dict:
     from synray.io.images import encode_image
     from synray.synthesis.pipeline import _cfg_dict, prepare_output, unit_rows
     from synray.synthesis.stages import GenerateStage
-    from synray.synthesis.seeds import sample_seed
+    from synray.seeds import sample_seed
 
     uri, pending, units, meta = prepare_output(cfg)
     first = pending[0]

@@ -1,40 +1,134 @@
-"""``synray`` command line: one subcommand per job, each taking a YAML config plus ``--set`` overrides."""
+"""``synray`` command line: one subcommand per job (``CONFIG`` plus ``--set`` overrides), ``config`` and ``eval``.
+
+Every job subcommand, and every ``jobs/*.py`` entry point for ``ray job submit``, goes through
+:func:`synray.jobs.load_job` and :func:`synray.jobs.run_job`. Errors a user can fix (a config key, a file,
+the cluster's size) print as one message and exit with code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-#: subcommand modules; each exposes ``register(subparsers)`` that sets ``func`` on its parser.
-COMMANDS = (
-    "synray.commands.config_cmd",
-    "synray.commands.quickstart",
-    "synray.evaluation.command",
-    "synray.synthesis.command",
-    "synray.training.command",
-    "synray.distill.command",
-    "synray.training.ldm_command",
-    "synray.tuning.command",
-)
+from synray.config.paths import project_conf_dir
+from synray.errors import UserError
+from synray.jobs import JOBS, Job
+
+#: per-command flags that stand for config overrides
+FLAGS: dict[str, dict[str, tuple[str, list[str]]]] = {
+    "synth": {"--local": ("run the stages in a plain loop in this process (no Ray)", ["local=true"])},
+    "quickstart": {
+        "--tiny": ("CI size (a few minutes on 2 cores)", []),  # filled from synray.quickstart.TINY
+        "--distill": ("also distil a student from the dlib teacher on DCGAN faces", ["distill.enabled=true"]),
+        "--rebuild-assets": ("retrain the shipped world teacher and LDM first (what produced synray/assets/world)",
+                             ["rebuild_assets=true"]),
+        "--assets-only": ("only (re)build the world teacher and LDM into assets=DIR (default: synray/assets/world)",
+                          ["assets_only=true"]),
+    },
+}
+#: commands whose CONFIG may be left out (the project's recipe is used)
+DEFAULT_CONFIG = {"quickstart": "quickstart.yaml"}
+
+
+def _flag_overrides(command: str, args: argparse.Namespace) -> list[str]:
+    out: list[str] = []
+    for flag, (_, overrides) in FLAGS.get(command, {}).items():
+        if getattr(args, flag.lstrip("-").replace("-", "_"), False):
+            if command == "quickstart" and flag == "--tiny":
+                from synray.quickstart import TINY
+
+                overrides = TINY
+            out += overrides
+    return out
+
+
+def _add_job(sub: argparse._SubParsersAction, job: Job) -> None:
+    p = sub.add_parser(job.command, help=job.help, description=job.help)
+    p.add_argument("config", nargs="?" if job.command in DEFAULT_CONFIG else None, help="YAML config (see conf/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value by its dotted key, e.g. --set optimizer.lr=0.05 (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="only summary lines and errors (also when CI is set)")
+    for flag, (text, _) in FLAGS.get(job.command, {}).items():
+        p.add_argument(flag, action="store_true", help=text)
+    p.set_defaults(func=_run, job=job)
+
+
+def _config_path(args: argparse.Namespace) -> str | None:
+    if args.config:
+        return args.config
+    conf = project_conf_dir()
+    name = DEFAULT_CONFIG[args.job.command]
+    return str(conf / name) if conf is not None and (conf / name).exists() else None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from synray.jobs import load_job, run_job
+
+    overrides = [*_flag_overrides(args.job.command, args), *args.overrides, *(["ray.quiet=true"] if args.quiet else [])]
+    cfg = load_job(_config_path(args), overrides, kind=args.job.kind)
+    outcome = run_job(cfg)
+    print(outcome.console(), flush=True)
+    return 0 if outcome.ok else 1
+
+
+def _config(args: argparse.Namespace) -> int:
+    from synray.config import to_yaml
+    from synray.jobs import load_job
+
+    print(to_yaml(load_job(args.config, args.overrides)), end="")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from synray.evaluation.evaluate import evaluate_bins, format_table
+    from synray.models.export import load_exported_backbone
+    from synray.models.registry import load_backbone
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    try:
+        model = load_backbone(args.backbone, args.checkpoint) if args.backbone else load_exported_backbone(args.checkpoint)
+        results = evaluate_bins(model, args.bins, batch_size=args.batch_size, flip=not args.no_flip, bgr=args.bgr,
+                                image_size=tuple(args.image_size) if args.image_size else None)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UserError(str(exc)) from None
+    print(format_table(results))
+    return 0
+
+
+EVAL_EPILOG = """examples:
+  synray eval --backbone iresnet50 --checkpoint backbone.pth --bins data/val/
+  synray eval --checkpoint outputs/train/final/model.pt --bins outputs/world-bins/   # a synray checkpoint
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="synray", description=__doc__)
+    parser = argparse.ArgumentParser(prog="synray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for mod in COMMANDS:
-        try:
-            importlib.import_module(mod).register(sub)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
+    for job in JOBS.values():
+        _add_job(sub, job)
+    p = sub.add_parser("config", help="validate a config file and print it resolved (secrets redacted)")
+    p.add_argument("config", help="YAML config (see conf/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_config)
+    p = sub.add_parser("eval", help="10-fold verification accuracy on .bin sets (LFW, CFP-FP, AgeDB-30, ...)",
+                       epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", metavar="NAME",
+                   help="backbone registry name for published weights, e.g. iresnet50, tface_ir50, tinyfar_a"
+                        " (omit for checkpoints written by synray, which name their architecture)")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="state dict (loaded strictly, weights only)")
+    p.add_argument("--bins", required=True, nargs="+", metavar="DIR_OR_FILE", help=".bin files or folders holding them")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--no-flip", action="store_true", help="do not add the embeddings of mirrored images")
+    p.add_argument("--bgr", action="store_true", default=None,
+                   help="feed BGR channel order (default: what the backbone declares; AdaFace weights are BGR)")
+    p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="resize images to H W if needed (default: the backbone's input size, e.g. 112 96 for SynFace)")
+    p.set_defaults(func=_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from synray.config import ConfigError
-    from synray.io.storage import StorageError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -42,17 +136,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, StorageError) as exc:
+    except UserError as exc:
         print(f"synray {args.command}: {exc}", file=sys.stderr)
         return 2
 
 
-def job_main(command: str, argv: list[str]) -> int:
-    """``jobs/*.py`` entry points: ``--config PATH`` plus the command's own flags."""
-    argv = list(argv)
+def job_main(command: str, argv: list[str] | None = None) -> int:
+    """``jobs/*.py``: ``--config PATH`` plus the command's own flags, e.g. ``--set key=value --quiet``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" in argv:
         i = argv.index("--config")
-        argv = [argv[i + 1], *argv[:i], *argv[i + 2:]]
+        argv = [*argv[i + 1:i + 2], *argv[:i], *argv[i + 2:]]
     return main([command, *argv])
 
 

@@ -5,8 +5,8 @@ world "real" split -> (teacher FR, identity-conditioned LDM: shipped, or rebuilt
 pipeline -> student trained with Ray Train on the synthetic set, and the same student on the real split
 as the baseline -> verification on held-out world identities.
 
-Every stage is a normal synray job (``conf/`` file + overrides), run through the same functions as
-``synray synth`` / ``synray train`` / ``synray train-ldm``.
+Every stage is a normal synray job (``conf/`` file + overrides) run through :func:`synray.jobs.run_job`,
+exactly as ``synray synth`` / ``synray train`` / ``synray train-ldm`` run it.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import time
 from importlib import resources
 from typing import Any
 
-from synray.config.jobs import load_job_config
 from synray.config.quickstart import QuickstartConfig
+from synray.jobs import JobContext, Need, Outcome, load_job, run_job
 
 ASSET_FILES = ("teacher.pt", "generator.json", "unet.ckpt", "vq_decoder.pt")
 #: ``--tiny``: CI size (about 3 minutes on 2 cores with the shipped assets; a tiny ``--rebuild-assets`` adds 3)
@@ -32,16 +32,8 @@ def packaged_assets() -> str:
     return str(resources.files("synray") / "assets" / "world")
 
 
-def _root(path: str) -> str:
-    """Config paths in the quickstart are relative to the repository (or absolute)."""
-    if os.path.isabs(path) or os.path.exists(path):
-        return path
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
-    return here if os.path.exists(here) else path
-
-
 def _stage(stage, *overrides: str):
-    return load_job_config(_root(stage.config), [*stage.overrides, *overrides])
+    return load_job(stage.config, [*stage.overrides, *overrides])
 
 
 def world_difficulty(cfg: QuickstartConfig) -> float:
@@ -52,7 +44,6 @@ def world_difficulty(cfg: QuickstartConfig) -> float:
 
 def make_real_split(cfg: QuickstartConfig, tracking: list[str]) -> tuple[str, str, dict]:
     """World "real" data: training shards (kind=real) and held-out verification ``.bin`` sets."""
-    from synray.synthesis.pipeline import run_synthesis
     from synray.world.world import World
 
     w = cfg.world
@@ -67,34 +58,30 @@ def make_real_split(cfg: QuickstartConfig, tracking: list[str]) -> tuple[str, st
                   f"identities.unit_size={min(64, w.train_identities)}", f"generator.images_per_identity={w.images_per_identity}",
                   "alignment.mode=none", "label_kind=real", "contexts.source=gaussian", "augment.context_repeats=0",
                   "quality.embedder=null", *tracking)
-    return real_uri, bins, run_synthesis(real)
+    return real_uri, bins, run_job(real).metrics
 
 
-def train_student(cfg: QuickstartConfig, name: str, data: str, bins: str, tracking: list[str]):
-    from synray.training.recognition import run_training
-
+def train_student(cfg: QuickstartConfig, name: str, data: str, bins: str, tracking: list[str]) -> Outcome:
     job = _stage(cfg.student, f"name={name}", f"epochs={cfg.student_epochs}", f"data.train={data}", f"eval.bins=[{bins}]",
                  f"output.uri={os.path.join(cfg.output, 'students')}", *tracking)
-    return run_training(job)
+    return run_job(job)
 
 
 def build_assets(cfg: QuickstartConfig, real_uri: str, bins: str, dest: str, tracking: list[str]) -> dict[str, Any]:
     """Train the world teacher (``synray train``) and the LDM (``synray train-ldm``) and copy them to ``dest``."""
     from synray.io import storage
-    from synray.training.ldm import run_train_ldm
-    from synray.training.recognition import run_training
 
     work = os.path.join(cfg.output, "assets-build")
-    teacher = run_training(_stage(cfg.teacher, "name=teacher", f"epochs={cfg.teacher_epochs}", f"data.train={real_uri}", f"eval.bins=[{bins}]",
+    teacher = run_job(_stage(cfg.teacher, "name=teacher", f"epochs={cfg.teacher_epochs}", f"data.train={real_uri}", f"eval.bins=[{bins}]",
                                   f"output.uri={work}", *tracking))
-    teacher_path = os.path.join(teacher.output_uri, "final", "model.pt")
-    ldm = run_train_ldm(_stage(cfg.ldm, "name=ldm", f"training.steps={cfg.ldm_steps}",
+    teacher_path = teacher.model_uri
+    ldm = run_job(_stage(cfg.ldm, "name=ldm", f"training.steps={cfg.ldm_steps}",
                                f"training.checkpoint_every={max(1, cfg.ldm_steps // 2)}",
                                f"vq.fit.steps={cfg.vq_fit_steps}", "data.source=shards", f"data.path={real_uri}",
                                "contexts.source=embedder", f"contexts.embedder={teacher_path}", f"output.uri={work}",
                                *tracking))
     os.makedirs(dest, exist_ok=True)
-    gen = dict(ldm.generator)
+    gen = dict(ldm.extra["generator"])
     shutil.copyfile(teacher_path, os.path.join(dest, "teacher.pt"))
     for key, name in (("unet", "unet.ckpt"), ("vq_decoder", "vq_decoder.pt")):
         with open(os.path.join(dest, name), "wb") as fh:
@@ -133,8 +120,6 @@ def load_assets(folder: str) -> dict[str, Any]:
 
 def synthesize(cfg: QuickstartConfig, assets: dict[str, Any], tracking: list[str]) -> tuple[str, dict]:
     """ADMIS-style context-enhanced synthesis with the world LDM for identities no model has seen."""
-    from synray.synthesis.pipeline import run_synthesis
-
     gen = assets["generator"]
     start = ((cfg.world.train_identities + 63) // 64) * 64  # novel identities, unit-aligned
     uri = os.path.join(cfg.output, "synthetic")
@@ -149,7 +134,7 @@ def synthesize(cfg: QuickstartConfig, assets: dict[str, Any], tracking: list[str
                  f"quality.embedder={assets['teacher']}", "augment.context_repeats=0",
                  "alignment.mode=none",  # the world LDM decodes aligned faces; the student resizes
                  *tracking)
-    return uri, run_synthesis(job)
+    return uri, run_job(job).metrics
 
 
 def results_table(rows: list[tuple[str, dict | None]], synth_summary: dict) -> str:
@@ -167,15 +152,13 @@ def results_table(rows: list[tuple[str, dict | None]], synth_summary: dict) -> s
     return "\n".join(lines)
 
 
-def distill_real_assets(cfg: QuickstartConfig, bins: str, tracking: list[str]):
+def distill_real_assets(cfg: QuickstartConfig, bins: str, tracking: list[str]) -> Outcome:
     """SynthDistill with real offline assets: the DigiFace DCGAN in the loop, dlib's ResNet as the teacher."""
-    from synray.distill.loop import run_distill
-
     d = cfg.distill
-    job = load_job_config(_root(d.config), [
+    job = load_job(d.config, [
         f"output.uri={os.path.join(cfg.output, 'distill')}", f"eval.bins=[{bins}]",
         f"iterations_per_epoch={d.iterations_per_epoch}", f"epochs={d.epochs}", f"batch_size={d.batch_size}", *tracking])
-    return run_distill(job)
+    return run_job(job)
 
 
 def assets_summary(folder: str, meta: dict[str, Any]) -> str:
@@ -188,58 +171,65 @@ def assets_summary(folder: str, meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_quickstart(cfg: QuickstartConfig, rebuild_assets: bool = False, distill: bool = False,
-                   assets_only: bool = False) -> dict[str, Any]:
+def needs(cfg: QuickstartConfig) -> list[Need]:
+    return []  # every stage checks its own needs when it starts
+
+
+def run(cfg: QuickstartConfig, ctx: JobContext) -> Outcome:
     """The whole protocol; ``assets_only`` stops after (re)building the teacher and LDM."""
-    from synray.runtime import init_ray
-    from synray.tracking import job_run, mlflow_ui_hint, resolve_tracking_uri
+    from synray.tracking import mlflow_ui_hint
 
     t0 = time.perf_counter()
+    tracker = ctx.tracker
     os.makedirs(cfg.output, exist_ok=True)
-    uri = resolve_tracking_uri(cfg.tracking)
-    tracking = [f"tracking.uri={uri}", f"tracking.experiment={cfg.tracking.experiment}", f"tracking.enabled={str(cfg.tracking.enabled).lower()}"]
-    with job_run(cfg, "quickstart") as tracker:
-        init_ray()
-        real_uri, bins, real_summary = make_real_split(cfg, tracking)
-        folder = cfg.assets or packaged_assets()
-        if not rebuild_assets and not cfg.assets and not has_assets(folder):
-            # no shipped checkpoints in this install: build them once into the output folder and reuse them
-            folder = os.path.join(cfg.output, "assets")
-            rebuild_assets = not has_assets(folder)
-        if rebuild_assets or assets_only:
-            meta = build_assets(cfg, real_uri, bins, folder, tracking)
-            if assets_only:
-                table = assets_summary(folder, meta)
-                tracker.log_text(table, "assets.txt")
-                return {"table": table, "assets": folder, "meta": meta, "seconds": time.perf_counter() - t0,
-                        "mlflow": uri, "hint": mlflow_ui_hint(uri)}
-        assets = load_assets(folder)
-        synth_uri, synth_summary = synthesize(cfg, assets, tracking)
-        synthetic = train_student(cfg, "student_synthetic", synth_uri, bins, tracking)
-        real = train_student(cfg, "student_real", real_uri, bins, tracking)
-        rows = [("real (baseline)", real.verification), ("synthetic (LDM)", synthetic.verification)]
-        result = {
-            "real": real.verification, "synthetic": synthetic.verification,
-            "images_generated": synth_summary["images_written"], "images_per_second": synth_summary["images_per_second"],
-            "mlflow": uri,
-        }
-        if distill:
-            distilled = distill_real_assets(cfg, bins, tracking)
-            rows.append(("distilled (DCGAN + dlib)", distilled.verification))
-            result["distill"] = {"verification": distilled.verification, "metrics": distilled.metrics,
-                                 "student": distilled.student_uri}
-        result["table"] = table = results_table(rows, synth_summary)
-        result["seconds"] = time.perf_counter() - t0
-        tracker.log_text(table, "results.txt")
-        for label, v in (("real", real.verification), ("synthetic", synthetic.verification),
-                         ("distilled", (result.get("distill") or {}).get("verification"))):
-            tracker.log_metrics({f"{label}/{k}": x["accuracy"] for k, x in (v or {}).items()})
-        tracker.log_metrics({"images_generated": result["images_generated"], "images_per_second": result["images_per_second"],
-                             "seconds": result["seconds"]})
-        grid = os.path.join(synth_uri, "samples.png")
-        if os.path.exists(grid):
-            tracker.log_artifact(grid)
-        with open(os.path.join(cfg.output, "results.json"), "w") as fh:
-            json.dump(result, fh, indent=2, default=str)
-    result["hint"] = mlflow_ui_hint(uri)
-    return result
+    uri = tracker.uri or "(tracking disabled)"
+    tracking = [f"tracking.enabled={str(cfg.tracking.enabled).lower()}", f"tracking.experiment={cfg.tracking.experiment}",
+                *([f"tracking.uri={tracker.uri}"] if tracker.uri else []), f"ray.quiet={str(ctx.quiet).lower()}"]
+    real_uri, bins, _ = make_real_split(cfg, tracking)
+    folder = cfg.assets or packaged_assets()
+    rebuild = cfg.rebuild_assets
+    if not rebuild and not cfg.assets and not has_assets(folder):
+        # no shipped checkpoints in this install: build them once into the output folder and reuse them
+        folder = os.path.join(cfg.output, "assets")
+        rebuild = not has_assets(folder)
+    hint = mlflow_ui_hint(uri)
+    if rebuild or cfg.assets_only:
+        meta = build_assets(cfg, real_uri, bins, folder, tracking)
+        if cfg.assets_only:
+            table = assets_summary(folder, meta)
+            tracker.log_text(table, "assets.txt")
+            return Outcome("quickstart", folder, {"seconds": time.perf_counter() - t0},
+                           table=f"{table}\n\ntook {time.perf_counter() - t0:.0f} s; assets in {folder}\n{hint}",
+                           extra={"assets": folder, "meta": meta})
+    assets = load_assets(folder)
+    synth_uri, synth_summary = synthesize(cfg, assets, tracking)
+    synthetic = train_student(cfg, "student_synthetic", synth_uri, bins, tracking)
+    real = train_student(cfg, "student_real", real_uri, bins, tracking)
+    rows = [("real (baseline)", real.verification), ("synthetic (LDM)", synthetic.verification)]
+    result: dict[str, Any] = {
+        "real": real.verification, "synthetic": synthetic.verification,
+        "images_generated": synth_summary["images_written"], "images_per_second": synth_summary["images_per_second"],
+        "mlflow": uri,
+    }
+    if cfg.distill.enabled:
+        distilled = distill_real_assets(cfg, bins, tracking)
+        rows.append(("distilled (DCGAN + dlib)", distilled.verification))
+        result["distill"] = {"verification": distilled.verification, "metrics": distilled.metrics,
+                             "student": distilled.model_uri}
+    table = results_table(rows, synth_summary)
+    result["table"] = table
+    result["seconds"] = time.perf_counter() - t0
+    tracker.log_text(table, "results.txt")
+    for label, v in (("real", real.verification), ("synthetic", synthetic.verification),
+                     ("distilled", (result.get("distill") or {}).get("verification"))):
+        tracker.log_metrics({f"{label}/{k}": x["accuracy"] for k, x in (v or {}).items()})
+    tracker.log_metrics({"images_generated": result["images_generated"], "images_per_second": result["images_per_second"],
+                         "seconds": result["seconds"]})
+    grid = os.path.join(synth_uri, "samples.png")
+    if os.path.exists(grid):
+        tracker.log_artifact(grid)
+    results_path = os.path.join(cfg.output, "results.json")
+    with open(results_path, "w") as fh:
+        json.dump(result, fh, indent=2, default=str)
+    text = f"{table}\n\ntook {result['seconds']:.0f} s; results in {results_path}\n{hint}"
+    return Outcome("quickstart", cfg.output, {"seconds": result["seconds"]}, table=text, extra={"results": results_path})

@@ -1,13 +1,22 @@
-"""MLflow tracking for every job.
+"""MLflow, in one place: every job's run, Ray Train metrics, and the runs of a sweep.
 
 The store is ``tracking.uri`` from the config, else ``$MLFLOW_TRACKING_URI``, else SQLite under the
 job's working directory (``./mlruns/mlflow.db``), so a laptop run leaves a browsable store with no
 server. Params are the flattened, secret-redacted resolved config.
+
+* :func:`job_run` opens a job's run (a child run when another job's run is open: quickstart, study);
+* :func:`TrainMetricsToMLflow` is a Ray Train controller callback that logs rank 0's reports to the
+  job's run (so workers never need the tracking store);
+* sweeps are one parent run with one child run per trial, written by Ray's ``MLflowLoggerCallback``
+  with the ``mlflow.parentRunId`` tag; :func:`child_runs` finds them and :func:`close_orphans` marks
+  runs of trials a killed driver left RUNNING before a resume.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -53,8 +62,9 @@ def ensure_experiment(uri: str, name: str) -> str:
 class Tracker:
     """Thin wrapper so jobs log unconditionally; does nothing when tracking is disabled."""
 
-    def __init__(self, run: Any | None):
+    def __init__(self, run: Any | None, uri: str | None = None):
         self.run = run
+        self.uri = uri
         self.run_id = run.info.run_id if run is not None else None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -109,7 +119,7 @@ def job_run(
     # A job started inside another job's run (quickstart, sweeps) becomes its child run.
     nested = nested or mlflow.active_run() is not None
     with mlflow.start_run(experiment_id=exp_id, run_name=tracking.run_name or job, nested=nested) as run:
-        tracker = Tracker(run)
+        tracker = Tracker(run, uri)
         tracker.set_tags({"synray.job": job, **(tags or {})})
         params = flatten(redact(cfg.model_dump(mode="json")))
         tracker.log_params({k: (str(v)[:500] if isinstance(v, (list, dict)) else v) for k, v in params.items()})
@@ -122,3 +132,62 @@ def mlflow_ui_hint(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"MLflow runs: open {uri}"
     return f"MLflow runs: mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)"
+
+
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a result dict (bools and strings dropped)."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+            out[k] = float(v)
+    return out
+
+
+def TrainMetricsToMLflow(uri: str, run_id: str, job: str):  # noqa: N802 - a class factory (Ray imported lazily)
+    """A ``ray.train.UserCallback`` logging each report of rank 0 (step = its ``step`` metric)."""
+    from ray.train import UserCallback
+
+    class _Callback(UserCallback):
+        def __init__(self) -> None:
+            self.uri, self.run_id, self.job = uri, run_id, job
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            if not metrics:
+                return
+            try:
+                from mlflow.entities import Metric
+                from mlflow.tracking import MlflowClient
+
+                m = metrics[0]
+                step, now = int(m.get("step", 0)), int(time.time() * 1000)
+                items = [Metric(k, v, now, step) for k, v in numeric_metrics(m).items()]
+                MlflowClient(self.uri).log_batch(self.run_id, metrics=items)
+            except Exception as exc:  # tracking must never stop training
+                print(f"[synray {self.job}] MLflow logging failed: {exc}", flush=True)
+
+    return _Callback()
+
+
+def child_runs(uri: str, experiment: str, parent_run_id: str):
+    """The trial runs of a sweep (a pandas DataFrame from ``mlflow.search_runs``)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(experiment_names=[experiment], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+
+
+def close_orphans(uri: str, experiment: str, parent_run_id: str) -> int:
+    """Mark trial runs still RUNNING under ``parent_run_id`` as KILLED (their driver died); returns how many."""
+    from mlflow.tracking import MlflowClient
+
+    runs = child_runs(uri, experiment, parent_run_id)
+    client = MlflowClient(uri)
+    n = 0
+    for run_id, status in zip(runs.get("run_id", []), runs.get("status", [])):
+        if status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+            n += 1
+    return n

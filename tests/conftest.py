@@ -33,7 +33,6 @@ import sys  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("SYNRAY_QUIET", "1")
@@ -119,6 +118,13 @@ def mlflow_server(tmp_path_factory):
         yield uri
     finally:
         _stop(proc)
+
+
+# Fault-injecting callbacks travel to Ray Train workers and Tune trials by value (tests/ is not on their path).
+import faults  # noqa: E402
+import ray.cloudpickle  # noqa: E402
+
+ray.cloudpickle.register_pickle_by_value(faults)
 
 
 @pytest.fixture(scope="session")

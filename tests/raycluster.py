@@ -50,7 +50,8 @@ class RayHead:
 
     def start(self) -> RayHead:
         out = subprocess.run(
-            ["ray", "start", "--head", f"--port={self.port}", f"--num-cpus={self.num_cpus}", "--include-dashboard=true",
+            ["ray", "start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1", f"--num-cpus={self.num_cpus}",
+             "--include-dashboard=true",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", f"--temp-dir={self.temp_dir}",
              "--disable-usage-stats", *(f"--{k}={v}" for k, v in self.agent_ports.items())],
             env=self.env, capture_output=True, text=True, timeout=120,

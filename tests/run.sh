@@ -3,7 +3,7 @@
 # clusters, each in its own pytest process (a running cluster would capture a plain ray.init).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export SYNRAY_QUIET=1 RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}" RAY_USAGE_STATS_ENABLED=0
+export SYNRAY_QUIET=1 RAY_USAGE_STATS_ENABLED=0
 python -m pytest -q -p no:cacheprovider -m "not cluster" "$@"
 main=$?
 python -m pytest -q -p no:cacheprovider -m cluster "$@"

@@ -105,7 +105,7 @@ def test_fake_cluster_scales_up_for_gpu_work_and_down_when_idle(monkeypatch):
     # Short root: Unix socket paths under the session dir must stay below ~107 characters.
     tmp = tempfile.mkdtemp(prefix="srfake-", dir="/tmp")
     port = _free_port()
-    ip = ray._private.services.get_node_ip_address()
+    ip = "127.0.0.1"  # the test cluster listens on loopback only
 
     cfg = yaml.safe_load(FAKE_YAML.read_text())
     # Worker raylets must find this head's GCS (the provider assumes port 6379 otherwise).
@@ -116,12 +116,12 @@ def test_fake_cluster_scales_up_for_gpu_work_and_down_when_idle(monkeypatch):
 
     # AUTOSCALER_UPDATE_INTERVAL_S=1 (Ray's own fake-cluster tests use it) runs the autoscaler loop
     # every second instead of every 5 s, so scale-up and scale-down show sooner.
-    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": tmp,
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "RAY_TMPDIR": tmp,
            "RAY_USAGE_STATS_ENABLED": "0", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     monkeypatch.setenv("RAY_TMPDIR", tmp)  # the driver's address file and logs stay in tmp too
     ray_exe = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
     cmd = [
-        ray_exe, "start", "--head", "--block", f"--port={port}",
+        ray_exe, "start", "--head", "--block", f"--port={port}", f"--node-ip-address={ip}",
         f"--num-cpus={int(head['CPU'])}", f"--num-gpus={int(head.get('GPU', 0))}",
         "--include-dashboard=false", f"--autoscaling-config={cfg_path}", f"--temp-dir={tmp}",
         "--disable-usage-stats", "--object-store-memory=134217728",

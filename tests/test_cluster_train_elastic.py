@@ -1,7 +1,7 @@
 """Losing a training node: Ray Train restarts from the last checkpoint with the workers that are left.
 
 A head plus two nodes that each offer one ``gpu_node`` resource (``ray.cluster_utils.Cluster``)
-runs synray's own training (``run_training``, world_tiny on world shards) with elastic
+runs synray's own training (``synray train``, world_tiny on world shards) with elastic
 ``scaling.num_workers=[1, 2]`` and ``scaling.resources={gpu_node: 1}``, so there is one worker per
 node. Once Ray Train has registered two epoch checkpoints, one node is removed without a graceful shutdown. The run
 must finish all epochs on one worker, resumed from a checkpoint (not from scratch), with the class
@@ -70,16 +70,16 @@ def _scenario(tmp: str) -> None:
 
     from synray.config.base import load_config
     from synray.config.train import TrainConfig
+    from synray.jobs import run_job
     from synray.training.checkpointing import CheckpointReader
-    from synray.training.recognition import run_training
 
     data, bins = _world_shards(tmp)
     out = Path(tmp) / "train"
     cfg = load_config(CONF, TrainConfig, [
         "name=elastic", f"data.train={data}", f"eval.bins=[{bins}]", f"eval.every_epochs={EPOCHS}", f"epochs={EPOCHS}",
         "batch_size=32", "schedule.milestones=[6]", "scaling.num_workers=[1,2]", "scaling.resources={gpu_node: 1}",
-        "checkpoint.max_failures=3", "checkpoint.num_to_keep=null", f"output.uri={out}", "tracking.enabled=false",
-        "ray.quiet=true"])
+        "checkpoint.max_failures=3", "checkpoint.num_to_keep=null", f"output.uri={out}", "output.shared=true",
+        "tracking.enabled=false", "ray.quiet=true"])
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False,
                                                             "object_store_memory": 256 * 2**20})
@@ -99,7 +99,7 @@ def _scenario(tmp: str) -> None:
         ray.init(address=cluster.address, log_to_driver=False)
         killer = threading.Thread(target=remove_a_node_after_two_epochs, daemon=True)
         killer.start()
-        outcome = run_training(cfg)
+        outcome = run_job(cfg)
         killer.join(timeout=5)
     finally:
         ray.shutdown()

@@ -3,7 +3,7 @@
 import pytest
 
 from synray.config import ConfigError, load_config, redact, to_yaml
-from synray.config.jobs import load_job_config
+from synray.jobs import load_job
 from synray.config.synth import SynthConfig
 
 YAML = """
@@ -22,7 +22,7 @@ def cfg_file(tmp_path):
 
 
 def test_load_and_override(cfg_file):
-    cfg = load_job_config(cfg_file, ["identities.count=20", "generator.sampler.steps=7", "tracking.enabled=false"])
+    cfg = load_job(cfg_file, ["identities.count=20", "generator.sampler.steps=7", "tracking.enabled=false"])
     assert isinstance(cfg, SynthConfig)
     assert cfg.seed == 3 and cfg.identities.count == 20 and cfg.identities.unit_size == 4
     assert cfg.generator.sampler.steps == 7 and cfg.tracking.enabled is False
@@ -40,24 +40,24 @@ def test_load_and_override(cfg_file):
 )
 def test_bad_values_name_the_key(cfg_file, override, key):
     with pytest.raises(ConfigError) as err:
-        load_job_config(cfg_file, [override])
+        load_job(cfg_file, [override])
     assert key in str(err.value)
 
 
 def test_cross_field_and_kind_errors(cfg_file, tmp_path):
     with pytest.raises(ConfigError, match="generator.unet and generator.vq_decoder"):
-        load_job_config(cfg_file, ["generator.type=ldm"])
+        load_job(cfg_file, ["generator.type=ldm"])
     with pytest.raises(ConfigError, match="kind"):
-        load_job_config(cfg_file, kind="train")
+        load_job(cfg_file, kind="train")
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: teleport\n")
     with pytest.raises(ConfigError, match="unknown job kind 'teleport'"):
-        load_job_config(bad)
+        load_job(bad)
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
-        load_job_config(bad)
+        load_job(bad)
     with pytest.raises(ConfigError, match="not found"):
-        load_job_config(tmp_path / "missing.yaml")
+        load_job(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="key.path=value"):
         load_config(None, SynthConfig, ["noequals"])
 
@@ -79,4 +79,4 @@ def test_shipped_configs_validate():
     confs = sorted((Path(__file__).resolve().parents[1] / "conf").rglob("*.yaml"))
     assert confs, "conf/ has no configs"
     for path in confs:
-        load_job_config(path)
+        load_job(path)

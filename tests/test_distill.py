@@ -15,15 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from faults import StopAfter
 
 from synray.config import ConfigError, load_config
 from synray.config.distill import DistillConfig
 from synray.distill.generators import (
     GeneratorError, StyleGAN2Generator, WorldLatentGenerator, face_crops, load_stylegan2,
 )
-from synray.distill.loop import Distiller, LoopHooks, check_distill_config, distill_loop
+from synray.distill.loop import Distiller, check, distill_loop
 from synray.distill.teachers import BackboneTeacher, TeacherError, load_teacher, model_input
 from synray.training.resample import crop_and_resize
+from synray.training.runner import local_hooks
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT = {"name": "iresnet18", "kwargs": {"layers": [1, 1, 1, 1], "widths": [8, 16, 16, 32], "embedding_dim": 32,
@@ -161,7 +163,7 @@ def test_teacher_specs_and_dimension_errors(tmp_path, world_teacher):
     assert torch.allclose(x, torch.ones_like(x))  # (255 - 127.5) / 127.5
     bad = world_cfg(world_teacher, student={"name": "iresnet18", "kwargs": {**STUDENT["kwargs"], "embedding_dim": 64}})
     with pytest.raises(ValueError, match="student.kwargs.embedding_dim: .*64-d.*32-d"):
-        check_distill_config(bad)
+        check(bad)
     with pytest.raises(ConfigError, match="generator.path is required"):
         load_config(None, DistillConfig, ["generator.type=stylegan2", "generator.path=null"])
     with pytest.raises(ConfigError, match="divisible by scaling.num_workers"):
@@ -201,8 +203,8 @@ def test_local_loop_learns_and_resumes(tmp_path, world_teacher):
             saved[metrics["epoch"]] = dst
 
     with pytest.raises(RuntimeError, match="stopped after epoch 1"):
-        distill_loop(cfg, LoopHooks(report=report, stop_after_epoch=1))
-    final = distill_loop(cfg, LoopHooks(report=report, restore_dir=str(saved[1])))
+        distill_loop(cfg, local_hooks(send=report, callbacks=[StopAfter("epoch", 1, cfg.epochs)]))
+    final = distill_loop(cfg, local_hooks(str(saved[1]), send=report))
     assert [m["epoch"] for m in reports] == [1, 2, 3] and final["resumed_from_epoch"] == 1
     assert final["val/cos"] > final["val/cos_initial"] + 0.15, final
     assert reports[0]["val/cos_initial"] == final["val/cos_initial"]  # kept across the resume
@@ -217,24 +219,24 @@ def test_distill_on_ray_train_two_workers(ray_session, world_teacher, tmp_path):
     """``synray distill`` on the mini world: 2 DDP workers, held-out verification, MLflow."""
     import mlflow
 
-    from synray.distill.command import distill
     from synray.io import storage
+    from synray.jobs import load_job, run_job
     from synray.models.export import load_any_backbone
     from synray.world.world import World
 
     bins = World(seed=0, num_identities=48, difficulty=0.5).write_verification_bins(tmp_path / "bins", num_pairs=60)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    out = distill(str(ROOT / "conf/distill/world_tiny.yaml"), [
+    out = run_job(load_job(ROOT / "conf/distill/world_tiny.yaml", [
         f"teacher={world_teacher}", f"output.uri={tmp_path}/out",
         f"tracking.uri={uri}", "tracking.experiment=t-distill", f"eval.bins=[{bins['world-frontal']}]",
-        "iterations_per_epoch=6"], quiet=True)
+        "iterations_per_epoch=6"]), quiet=True)
     m = out.metrics
     assert m["epoch"] == 3 and m["world_size"] == 2 and m["step"] == 3 * 6 * 2
     assert m["val/cos"] > m["val/cos_initial"] + 0.2, m  # the student learns the teacher's embedding
     assert 0.5 <= m["val/world-frontal/accuracy"] <= 1.0 and "world-frontal" in out.table
-    assert load_any_backbone(out.student_uri).embedding_dim == 32
+    assert load_any_backbone(out.model_uri).embedding_dim == 32
     summary = json.loads(storage.read_bytes(storage.join(out.output_uri, "final", "summary.json")))
-    assert summary["student"] == out.student_uri
+    assert summary["model_uri"] == out.model_uri
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["t-distill"])
     assert len(runs) == 1 and runs.loc[0, "params.resampling_coef"] == "1.0"
@@ -254,5 +256,5 @@ def test_dcgan_with_dlib_teacher_cosine_rises():
                                                     "input_size": [56, 56]}},
         "iterations_per_epoch": 5, "epochs": 1, "validation": {"batches": 1, "batch_size": 8},
         "optimizer": {"lr": 3e-3}, "tracking": {"enabled": False}})
-    final = distill_loop(cfg, LoopHooks())
+    final = distill_loop(cfg, local_hooks())
     assert final["val/cos"] > final["val/cos_initial"] + 0.2, final

@@ -9,15 +9,16 @@ import pytest
 from synray.config import ConfigError, load_config
 from synray.config.quickstart import QuickstartConfig
 
+QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "quickstart.yaml")
+
 
 def test_quickstart_config_validates_and_tiny_applies():
-    from synray.commands.quickstart import default_config
     from synray.quickstart import TINY
 
-    cfg = load_config(default_config(), QuickstartConfig, TINY)
+    cfg = load_config(QUICKSTART, QuickstartConfig, TINY)
     assert cfg.world.train_identities == 48 and cfg.ldm_steps == 300
     with pytest.raises(ConfigError, match="world.train_identity: unknown key"):
-        load_config(default_config(), QuickstartConfig, ["world.train_identity=3"])
+        load_config(QUICKSTART, QuickstartConfig, ["world.train_identity=3"])
 
 
 SHIPPED_FILES = ("teacher.pt", "unet.ckpt", "vq_decoder.pt")

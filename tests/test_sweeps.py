@@ -6,9 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from faults import FailOnce
 
 from synray.config import ConfigError
-from synray.config.jobs import load_job_config
+from synray.jobs import load_job, run_job
 from synray.tuning.objectives import identity_metrics
 from synray.tuning.sweep import load_target, trial_config
 
@@ -22,25 +23,25 @@ def _threads():
 
 def test_sweep_configs_validate_every_searched_value(tmp_path, world_teacher):
     conf = str(ROOT / "conf/sweep/world_distill_tiny.yaml")
-    cfg = load_job_config(conf, [f"base={ROOT / 'conf/distill/world_tiny.yaml'}"])
+    cfg = load_job(conf, [f"base={ROOT / 'conf/distill/world_tiny.yaml'}"])
     base = load_target(cfg)
     assert base["epochs"] == 2 and trial_config(base, {"resampling_coef": 2.0}, "distill").resampling_coef == 2.0
     with pytest.raises(ConfigError, match=r"(?s)resampling_coef=-1.*greater than or equal to 0"):
-        load_target(load_job_config(conf, [f"base={ROOT / 'conf/distill/world_tiny.yaml'}",
+        load_target(load_job(conf, [f"base={ROOT / 'conf/distill/world_tiny.yaml'}",
                                            "space={resampling_coef: {grid: [1.0, -1]}}"]))
     with pytest.raises(ConfigError, match="resampling_cof: unknown key"):
-        load_target(load_job_config(conf, [f"base={ROOT / 'conf/distill/world_tiny.yaml'}",
+        load_target(load_job(conf, [f"base={ROOT / 'conf/distill/world_tiny.yaml'}",
                                            "space={resampling_cof: {grid: [1.0]}}"]))
     with pytest.raises(ConfigError, match="needs grid values for every key"):
-        load_job_config(conf, ["space={resampling_coef: {uniform: [0, 2]}}"])
+        load_job(conf, ["space={resampling_coef: {uniform: [0, 2]}}"])
     with pytest.raises(ConfigError, match="exactly one of grid"):
-        load_job_config(conf, ["space={resampling_coef: {grid: [1], uniform: [0, 2]}}"])
+        load_job(conf, ["space={resampling_coef: {grid: [1], uniform: [0, 2]}}"])
     with pytest.raises(ConfigError, match="target 'train_ldm' needs kind 'train_ldm'"):
-        load_target(load_job_config(conf, [f"base={ROOT / 'conf/distill/world_tiny.yaml'}", "target=train_ldm"]))
-    ldm = load_job_config(ROOT / "conf/sweep/world_ldm_cpd_tiny.yaml", [f"base={ROOT / 'conf/ldm/world_tiny.yaml'}"])
+        load_target(load_job(conf, [f"base={ROOT / 'conf/distill/world_tiny.yaml'}", "target=train_ldm"]))
+    ldm = load_job(ROOT / "conf/sweep/world_ldm_cpd_tiny.yaml", [f"base={ROOT / 'conf/ldm/world_tiny.yaml'}"])
     assert ldm.resolved_metric == "objective/separability"
     with pytest.raises(ConfigError, match=r"unet.context_dropout=1.0"):
-        load_target(load_job_config(ROOT / "conf/sweep/world_ldm_cpd_tiny.yaml", [
+        load_target(load_job(ROOT / "conf/sweep/world_ldm_cpd_tiny.yaml", [
             f"base={ROOT / 'conf/ldm/world_tiny.yaml'}", "space={unet.context_dropout: {grid: [0.5, 1.0]}}"]))
 
 
@@ -65,13 +66,13 @@ def test_random_search_space_and_student_accuracy_objective(tmp_path, world_teac
     from synray.tuning.sweep import param_space
     from synray.world.world import World
 
-    cfg = load_job_config(ROOT / "conf/sweep/world_distill_tiny.yaml", [
+    cfg = load_job(ROOT / "conf/sweep/world_distill_tiny.yaml", [
         "search={algorithm: random, num_samples: 3}",
         "space={resampling_coef: {uniform: [0.0, 2.0]}, optimizer.lr: {loguniform: [1.0e-4, 1.0e-2]}, "
         "batch_size: {grid: [8, 16]}}"])
     space = param_space(cfg)
     assert isinstance(space["resampling_coef"], tune.search.sample.Float) and space["batch_size"] == {"grid_search": [8, 16]}
-    base = load_target(load_job_config(ROOT / "conf/sweep/world_distill_tiny.yaml", [
+    base = load_target(load_job(ROOT / "conf/sweep/world_distill_tiny.yaml", [
         f"base={ROOT / 'conf/distill/world_tiny.yaml'}", "search={algorithm: random}",
         "space={optimizer.lr: {loguniform: [1.0e-4, 1.0e-2]}}"]))
     assert trial_config(base, {"optimizer.lr": 5e-3}, "distill").optimizer.lr == 5e-3
@@ -86,6 +87,13 @@ def test_random_search_space_and_student_accuracy_objective(tmp_path, world_teac
     assert 0.55 <= acc <= 1.0, acc
 
 
+def sweep(config, overrides, callbacks=()):
+    """What ``synray sweep CONFIG --set ... --quiet`` does, keeping the outcome."""
+    out = run_job(load_job(config, overrides), callbacks=callbacks, quiet=True)
+    print(out.console())
+    return out
+
+
 def child_runs(uri, experiment, parent):
     import mlflow
 
@@ -95,16 +103,13 @@ def child_runs(uri, experiment, parent):
 
 @pytest.mark.ray
 def test_distill_sweep_in_mlflow_and_resumed_with_tuner_restore(ray_session, world_teacher, tmp_path, capsys):
-    from synray.tuning.command import sweep
-
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     over = [f"base={ROOT / 'conf/distill/world_tiny.yaml'}", f"overrides=[teacher={world_teacher}, epochs=2, "
             "iterations_per_epoch=3, validation.batches=1]", f"output.uri={tmp_path}/sweeps", f"tracking.uri={uri}",
-            "tracking.experiment=t-sweep", "trial_max_failures=0",
-            f"fault_injection={{after_reports: 1, marker: {tmp_path}/failed-once}}"]
-    first = sweep(str(ROOT / "conf/sweep/world_distill_tiny.yaml"), over, quiet=True)
+            "tracking.experiment=t-sweep", "trial_max_failures=0"]
+    first = sweep(ROOT / "conf/sweep/world_distill_tiny.yaml", over, [FailOnce(1, tmp_path / "failed-once")])
     assert not first.restored and len(first.trials) == 2 and len(first.errors) == 1  # one trial died after epoch 1
-    second = sweep(str(ROOT / "conf/sweep/world_distill_tiny.yaml"), over, quiet=True)
+    second = sweep(ROOT / "conf/sweep/world_distill_tiny.yaml", over, [FailOnce(1, tmp_path / "failed-once")])
     assert second.restored and second.parent_run_id == first.parent_run_id and not second.errors
     trials = {t["params"]["resampling_coef"]: t["metrics"] for t in second.trials}
     assert set(trials) == {0.0, 2.0} and all(m["epoch"] == 2 for m in trials.values())
@@ -126,20 +131,18 @@ def test_distill_sweep_in_mlflow_and_resumed_with_tuner_restore(ray_session, wor
 
 @pytest.mark.ray
 def test_ldm_cpd_sweep_with_asha_on_an_mlflow_server(ray_session, world_teacher, tmp_path, mlflow_server):
-    from synray.config.jobs import load_job_config as load
     from synray.synthesis.pipeline import run_local
-    from synray.tuning.command import sweep
 
-    run_local(load(ROOT / "conf/synth/world.yaml", [
+    run_local(load_job(ROOT / "conf/synth/world.yaml", [
         f"output.uri={tmp_path}/world", "identities.count=4", "identities.unit_size=4",
         "generator.images_per_identity=4", "tracking.enabled=false"]))
     base = [f"data.path={tmp_path}/world", f"contexts.embedder={world_teacher}", f"output.uri={tmp_path}/ldm",
             "vq.fit.steps=20", "vq.fit.n_embed=64", "training.steps=4", "training.checkpoint_every=2",
             "training.batch_size=4", "data.unit_size=16"]
-    out = sweep(str(ROOT / "conf/sweep/world_ldm_cpd_tiny.yaml"), [
+    out = sweep(ROOT / "conf/sweep/world_ldm_cpd_tiny.yaml", [
         f"base={ROOT / 'conf/ldm/world_tiny.yaml'}", f"overrides=[{', '.join(base)}]",
         f"output.uri={tmp_path}/sweeps", f"tracking.uri={mlflow_server}", "tracking.experiment=t-cpd",
-        "objective.identities=4", "objective.images_per_identity=2", "objective.sampler_steps=2"], quiet=True)
+        "objective.identities=4", "objective.images_per_identity=2", "objective.sampler_steps=2"])
     assert not out.errors and len(out.trials) == 2 and out.metric == "objective/separability"
     cpd = {t["params"]["unet.context_dropout"]: t["metrics"] for t in out.trials}
     assert set(cpd) == {0.0, 0.5}

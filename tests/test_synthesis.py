@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from synray.config import ConfigError, load_config
-from synray.config.jobs import load_job_config
+from synray.jobs import load_job
 from synray.config.synth import SynthConfig
 from synray.io import shards
 from synray.io.images import decode_image
@@ -113,7 +113,7 @@ def recipe(name, tiny, out, extra=()):
         over += [f"contexts.path={tiny / 'ctx.npy'}", "generator.sampler.steps=4", "generator.sampler.two_stage.step_th=300"]
     elif name == "synface_mixup":
         over += ["generator.sampler.steps=4", "contexts.separation.max_cosine=0.5"]
-    return load_job_config(ROOT / "conf" / "synth" / f"{name}.yaml", over + list(extra))
+    return load_job(ROOT / "conf" / "synth" / f"{name}.yaml", over + list(extra))
 
 
 @pytest.mark.ray
@@ -173,9 +173,9 @@ WORLD = ["tracking.enabled=false", "generator.images_per_identity=3", "generator
 
 @pytest.mark.ray
 def test_world_ray_equals_plain_loop(ray_session, tmp_path):
-    a = load_job_config(ROOT / "conf/synth/world.yaml", [*WORLD, "identities.count=12", "identities.unit_size=4",
+    a = load_job(ROOT / "conf/synth/world.yaml", [*WORLD, "identities.count=12", "identities.unit_size=4",
                                                        f"output.uri={tmp_path / 'ray'}", "generator.max_actors=2"])
-    b = load_job_config(ROOT / "conf/synth/world.yaml", [*WORLD, "identities.count=12", "identities.unit_size=4",
+    b = load_job(ROOT / "conf/synth/world.yaml", [*WORLD, "identities.count=12", "identities.unit_size=4",
                                                        f"output.uri={tmp_path / 'loop'}", "generator.batch_size=1",
                                                        "generator.max_actors=1"])
     run_synthesis(a)
@@ -192,10 +192,10 @@ def test_world_ray_equals_plain_loop(ray_session, tmp_path):
 
 DRIVER = """
 import sys
-from synray.config.jobs import load_job_config
+from synray.jobs import load_job
 from synray.runtime import init_ray
 from synray.synthesis.pipeline import run_synthesis
-cfg = load_job_config(sys.argv[1], sys.argv[2:])
+cfg = load_job(sys.argv[1], sys.argv[2:])
 init_ray(cfg.ray)
 run_synthesis(cfg, progress=False)
 """
@@ -220,12 +220,12 @@ def test_kill_and_resume_on_s3(ray_session, s3_server, tmp_path):
             proc.kill()
     partial = shards.list_shards(uri)
     assert 0 < len(partial) < 40, f"expected an interrupted run, found {len(partial)} of 40 shards"
-    cfg = load_job_config(ROOT / "conf/synth/world.yaml", over)
+    cfg = load_job(ROOT / "conf/synth/world.yaml", over)
     summary = run_synthesis(cfg)
     assert summary["units_skipped"] == len(partial) and summary["units_written"] == 40 - len(partial)
     resumed = dataset_images(uri)
     assert sorted({k[0] for k in resumed}) == list(range(160)) and len(resumed) == 160 * 12
-    ref = load_job_config(ROOT / "conf/synth/world.yaml", [*over[:-1], f"output.uri={tmp_path / 'ref'}"])
+    ref = load_job(ROOT / "conf/synth/world.yaml", [*over[:-1], f"output.uri={tmp_path / 'ref'}"])
     run_local(ref)
     reference = dataset_images(str(tmp_path / "ref"))
     assert reference.keys() == resumed.keys()
@@ -235,11 +235,11 @@ def test_kill_and_resume_on_s3(ray_session, s3_server, tmp_path):
 
 def test_config_change_refuses_to_mix_datasets(tmp_path):
     base = [*WORLD, "identities.count=4", "identities.unit_size=2", f"output.uri={tmp_path / 'ds'}"]
-    run_local(load_job_config(ROOT / "conf/synth/world.yaml", base))
+    run_local(load_job(ROOT / "conf/synth/world.yaml", base))
     with pytest.raises(shards.ShardError, match="different config"):
-        run_local(load_job_config(ROOT / "conf/synth/world.yaml", [*base, "seed=5"]))
+        run_local(load_job(ROOT / "conf/synth/world.yaml", [*base, "seed=5"]))
     # speed-only settings may change on resume
-    run_local(load_job_config(ROOT / "conf/synth/world.yaml", [*base, "generator.batch_size=2", "generator.max_actors=3"]))
+    run_local(load_job(ROOT / "conf/synth/world.yaml", [*base, "generator.batch_size=2", "generator.max_actors=3"]))
 
 
 def test_embedder_brings_faces_to_the_backbone_input_size(tmp_path):

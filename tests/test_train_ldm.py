@@ -175,13 +175,13 @@ def test_train_ldm_on_ray_then_synthesize(ray_session, world_teacher, tmp_path):
     """World shards -> ``synray train-ldm`` (UIFace flavour, 2 DDP workers, Ray tasks encode) -> resume -> ``synth``."""
     import mlflow
 
-    from synray.config.jobs import load_job_config
+    from synray.jobs import load_job
     from synray.io import shards
     from synray.io.images import decode_image
     from synray.synthesis.pipeline import run_local
     from synray.training.ldm_command import train_ldm
 
-    world = load_job_config(ROOT / "conf/synth/world.yaml", [
+    world = load_job(ROOT / "conf/synth/world.yaml", [
         f"output.uri={tmp_path}/world", "identities.count=6", "identities.unit_size=3",
         "generator.images_per_identity=4", "tracking.enabled=false"])
     run_local(world)
@@ -203,7 +203,7 @@ def test_train_ldm_on_ray_then_synthesize(ray_session, world_teacher, tmp_path):
     runs = mlflow.search_runs(experiment_names=["t-ldm"])
     assert len(runs) == 2 and runs["metrics.loss"].notna().all()
 
-    synth = load_job_config(ROOT / "conf/synth/world.yaml", [
+    synth = load_job(ROOT / "conf/synth/world.yaml", [
         f"output.uri={tmp_path}/samples", "identities.count=2", "identities.unit_size=2", "contexts.dim=32",
         "generator.images_per_identity=2", "generator.type=ldm", f"generator.unet={gen['unet']}",
         f"generator.vq_decoder={gen['vq_decoder']}", f"generator.vq_config={json.dumps(gen['vq_config'])}",

@@ -10,14 +10,17 @@ import numpy as np
 import pytest
 import torch
 
+from faults import CrashOnce
+
 from synray.config.base import load_config
 from synray.config.train import TrainConfig
 from synray.evaluation.evaluate import evaluate_bins
 from synray.io import storage
 from synray.io.images import encode_image
 from synray.io.shards import write_shard
+from synray.jobs import run_job
 from synray.training.checkpointing import CheckpointReader
-from synray.training.recognition import Learner, plan_training, run_training
+from synray.training.recognition import Learner, plan_training
 from synray.world.world import World
 
 torch.set_num_threads(1)
@@ -68,7 +71,7 @@ def test_two_workers_learn_heldout_verification(ray_session, world_data, s3_serv
                "tracking.experiment=train-test")
     plan, _, _ = plan_training(cfg)
     before = evaluate_bins(Learner(cfg, plan).backbone_module, [world_data["bins"]], image_size=(SIZE, SIZE))
-    outcome = run_training(cfg, workdir=str(tmp_path))
+    outcome = run_job(cfg)
 
     m = outcome.metrics
     assert (m["epoch"], m["step"], m["world_size"], m["resumed_from_step"]) == (4, 200, 2, -1)
@@ -102,16 +105,15 @@ def test_killed_worker_resumes_then_rerun_on_one_worker(ray_session, world_data,
     marker = tmp_path / "crashed"
     common = ["name=resume", f"output.uri={tmp_path / 'out'}", "batch_size=128", "mixup.identity=true", "mixup.domain.enabled=true",
               f"mixup.domain.real={world_data['real']}", "eval.every_epochs=2"]
-    cfg = _cfg(world_data, *common, "epochs=2", "checkpoint.max_failures=1", "checkpoint.every_steps=15",
-               "fault_injection.at_step=35", "fault_injection.rank=1", f"fault_injection.marker={marker}")
-    first = run_training(cfg)
+    cfg = _cfg(world_data, *common, "epochs=2", "checkpoint.max_failures=1", "checkpoint.every_steps=15")
+    first = run_job(cfg, callbacks=[CrashOnce(step=35, rank=1, marker=marker)])
     assert marker.read_text().startswith("rank 1 exited at step 35")
     m = first.metrics
     assert (m["epoch"], m["step"], m["resumed_from_step"], m["world_size"]) == (2, 50, 30, 2)
-    assert first.plan["num_classes"] == TRAIN_IDS + len(REAL_IDS)
+    assert first.extra["plan"]["num_classes"] == TRAIN_IDS + len(REAL_IDS)
 
     again = _cfg(world_data, *common, "epochs=3", "scaling.num_workers=1")
-    second = run_training(again)
+    second = run_job(again)
     m = second.metrics
     assert (m["epoch"], m["step"], m["resumed_from_step"], m["world_size"]) == (3, 75, 50, 1)
     assert np.isfinite(m["loss"])

@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from synray.config.paths import TrackingURI, URI
 from synray.errors import UserError
 
 T = TypeVar("T", bound=BaseModel)
@@ -29,21 +31,26 @@ class ConfigError(UserError, ValueError):
 class StrictModel(BaseModel):
     """Base for every config section: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True, frozen=False)
 
 
 class OutputConfig(StrictModel):
-    """Where a job writes: a local path or ``s3://bucket/prefix``."""
+    """Where a job writes: a local path (made absolute when the config loads) or ``s3://bucket/prefix``.
 
-    uri: str = Field("outputs/run", min_length=1)
+    On a cluster of more than one node a local path is each node's own disk; ``shared: true`` declares it a
+    mount every node sees (NFS, FSx), which is the only way a local output is accepted there.
+    """
+
+    uri: URI = Field("outputs/run", min_length=1)
     overwrite: bool = False
+    shared: bool = False
 
 
 class TrackingConfig(StrictModel):
     """MLflow tracking; ``uri=None`` means ``$MLFLOW_TRACKING_URI`` or SQLite under the working dir."""
 
     enabled: bool = True
-    uri: str | None = None
+    uri: TrackingURI | None = None
     experiment: str = "synray"
     run_name: str | None = None
 
@@ -56,23 +63,20 @@ class RayConfig(StrictModel):
     quiet: bool = False
 
 
-class WorkersConfig(StrictModel):
-    """Ray Train workers at a fixed count; GPUs use NCCL, CPUs gloo."""
+class JobConfig(StrictModel):
+    """What every job config has: where it writes, how it is tracked, how it reaches Ray."""
 
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0.0)
-    torch_threads: int | None = Field(None, ge=1)
+    kind: str
+    output: OutputConfig = OutputConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
 
-
-class CheckpointConfig(StrictModel):
-    """Ray Train checkpoints kept, and how many worker-group failures are retried from the last one."""
-
-    num_to_keep: int | None = Field(2, ge=1)
-    max_failures: int = Field(1, ge=-1)
+    def writes(self) -> dict[str, OutputConfig]:
+        """The locations the job writes, by dotted key (checked against the cluster before Ray work)."""
+        return {"output.uri": self.output}
 
 
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = data
     for i, part in enumerate(parts[:-1]):
@@ -98,7 +102,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override '{item}': cannot parse value: {exc}") from exc
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     return data
 
 

@@ -8,12 +8,16 @@ optimiser steps per epoch, 21 epochs, Adam 1e-3 with StepLR(10 epochs, 0.5), ``r
 
 from __future__ import annotations
 
+from functools import partial
+
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from synray.config.base import CheckpointConfig, OutputConfig, RayConfig, StrictModel, TrackingConfig, WorkersConfig
-from synray.config.train import BackboneConfig, EvalConfig
+from synray.config.base import JobConfig, OutputConfig, StrictModel, TrackingConfig
+from synray.config.paths import URI, ModelRef
+from synray.config.run import CheckpointConfig, EvalConfig, ScalingConfig
+from synray.config.train import BackboneConfig
 
 
 class WorldLatentConfig(StrictModel):
@@ -28,9 +32,9 @@ class DistillGeneratorConfig(StrictModel):
     """Which latent -> image generator runs in the loop (frozen)."""
 
     type: Literal["stylegan2", "dcgan", "ldm", "world"] = "stylegan2"
-    path: str | None = None  # StyleGAN2 pickle, or the LDM's UNet checkpoint (published layout)
+    path: URI | None = None  # StyleGAN2 pickle, or the LDM's UNet checkpoint (published layout)
     truncation_psi: float = Field(1.0, gt=0.0)
-    vq_decoder: str | None = None  # LDM only
+    vq_decoder: URI | None = None  # LDM only
     vq_config: dict[str, Any] | None = None  # LDM only: non-published VQ sizes
     latent_shape: tuple[int, int, int] = (3, 32, 32)  # LDM only
     sampler_steps: int = Field(20, ge=1, le=1000)  # LDM only: DDIM steps per image
@@ -69,13 +73,13 @@ class ValidationConfig(StrictModel):
     batch_size: int | None = Field(None, ge=1)  # default: the training batch size
 
 
-class DistillConfig(StrictModel):
+class DistillConfig(JobConfig):
     kind: Literal["distill"] = "distill"
     name: str = Field("distill", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")  # Ray Train run name: re-runs resume
     seed: int = Field(2021, ge=0)
-    generator: DistillGeneratorConfig = DistillGeneratorConfig(path="stylegan2-ffhq-256x256.pkl")
+    generator: DistillGeneratorConfig = Field(default_factory=partial(DistillGeneratorConfig, path="stylegan2-ffhq-256x256.pkl"))
     #: ``dlib`` (dlib ResNet, 128-d), ``<registry name>:<published checkpoint>`` or a synray checkpoint path
-    teacher: str = "synthdistill_teacher_iresnet100:iresnet100-73e07ba7.pth"
+    teacher: ModelRef = "synthdistill_teacher_iresnet100:iresnet100-73e07ba7.pth"
     student: StudentConfig = StudentConfig()
     crop_size: int = Field(112, ge=16)
     resampling: bool = True  # the second (resampled) step of every iteration
@@ -86,17 +90,17 @@ class DistillConfig(StrictModel):
     optimizer: DistillOptimizerConfig = DistillOptimizerConfig()
     validation: ValidationConfig = ValidationConfig()
     eval: EvalConfig = EvalConfig()  # the student, on .bin sets
-    scaling: WorkersConfig = WorkersConfig()  # each worker generates its slice of the global batch
+    scaling: ScalingConfig = ScalingConfig()  # each worker generates its slice of the global batch
     checkpoint: CheckpointConfig = CheckpointConfig()
-    output: OutputConfig = OutputConfig(uri="outputs/distill")
-    tracking: TrackingConfig = TrackingConfig(experiment="synray-distill")
-    ray: RayConfig = RayConfig()
+    output: OutputConfig = Field(default_factory=partial(OutputConfig, uri="outputs/distill"))
+    tracking: TrackingConfig = Field(default_factory=partial(TrackingConfig, experiment="synray-distill"))
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
-        if self.batch_size % self.scaling.num_workers:
-            raise ValueError(
-                f"batch_size {self.batch_size} must be divisible by scaling.num_workers {self.scaling.num_workers}")
+        bad = [n for n in self.scaling.worker_counts if self.batch_size % n]
+        if bad:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by scaling.num_workers "
+                             f"(every worker count it allows: {bad} do not divide it)")
         if self.teacher != "dlib" and not self.teacher.strip():
             raise ValueError("teacher must be 'dlib', '<registry name>:<checkpoint>' or a synray checkpoint path")
         return self

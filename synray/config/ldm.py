@@ -9,18 +9,22 @@ UIFace is ``unet.flavour: uiface`` (learnable empty context, ``unconditioned_pro
 
 from __future__ import annotations
 
+from functools import partial
+
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from synray.config.base import CheckpointConfig, OutputConfig, RayConfig, StrictModel, TrackingConfig, WorkersConfig
+from synray.config.base import JobConfig, OutputConfig, StrictModel, TrackingConfig
+from synray.config.paths import URI, ModelRef
+from synray.config.run import CheckpointConfig, ScalingConfig
 
 
 class LDMDataConfig(StrictModel):
     """Training images: CASIA-style folders (one sub-folder per identity) or a synray shard dataset."""
 
     source: Literal["folders", "shards"] = "folders"
-    path: str | None = None
+    path: URI | None = None
     image_size: tuple[int, int] = (128, 128)
     extensions: list[str] = Field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp"])
     max_images: int | None = Field(None, ge=1)  # use only the first N images (canonical order)
@@ -36,8 +40,8 @@ class LDMContextsConfig(StrictModel):
     """
 
     source: Literal["embedder", "file"] = "embedder"
-    embedder: str | None = None  # "<registry name>:<checkpoint>" or a synray checkpoint path
-    path: str | None = None
+    embedder: ModelRef | None = None  # "<registry name>:<checkpoint>" or a synray checkpoint path
+    path: URI | None = None
     batch_size: int = Field(64, ge=1)
 
     @model_validator(mode="after")
@@ -63,8 +67,8 @@ class VQFitConfig(StrictModel):
 class LDMVQConfig(StrictModel):
     """The first stage: published ``first_stage_{encoder,decoder}_state_dict.pt`` files, or ``fit``."""
 
-    encoder: str | None = None
-    decoder: str | None = None
+    encoder: URI | None = None
+    decoder: URI | None = None
     config: dict[str, Any] | None = None  # VQConfig fields; None = the published VQ-f4
     fit: VQFitConfig = VQFitConfig()
 
@@ -125,27 +129,27 @@ class EncodeConfig(StrictModel):
     max_in_flight: int = Field(4, ge=1)
 
 
-class LDMConfig(StrictModel):
+class LDMConfig(JobConfig):
     kind: Literal["train_ldm"] = "train_ldm"
     name: str = Field("ldm", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")  # Ray Train run name: re-runs resume
     seed: int = Field(0, ge=0)
     data: LDMDataConfig = LDMDataConfig()
-    contexts: LDMContextsConfig = LDMContextsConfig(embedder="elasticface_iresnet100:Elastic_R100_295672backbone.pth")
-    vq: LDMVQConfig = LDMVQConfig(encoder="first_stage_encoder_state_dict.pt", decoder="first_stage_decoder_state_dict.pt")
+    contexts: LDMContextsConfig = Field(default_factory=partial(LDMContextsConfig, embedder="elasticface_iresnet100:Elastic_R100_295672backbone.pth"))
+    vq: LDMVQConfig = Field(default_factory=partial(LDMVQConfig, encoder="first_stage_encoder_state_dict.pt", decoder="first_stage_decoder_state_dict.pt"))
     unet: LDMUNetConfig = LDMUNetConfig()
     training: LDMTrainingConfig = LDMTrainingConfig()
-    scaling: WorkersConfig = WorkersConfig()
+    scaling: ScalingConfig = ScalingConfig()
     encode: EncodeConfig = EncodeConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
-    output: OutputConfig = OutputConfig(uri="outputs/ldm")
-    tracking: TrackingConfig = TrackingConfig(experiment="synray-ldm")
-    ray: RayConfig = RayConfig()
+    output: OutputConfig = Field(default_factory=partial(OutputConfig, uri="outputs/ldm"))
+    tracking: TrackingConfig = Field(default_factory=partial(TrackingConfig, experiment="synray-ldm"))
 
     @model_validator(mode="after")
     def _check(self) -> LDMConfig:
         if not self.data.path:
             raise ValueError("data.path (an identity-folder root or a shard dataset URI) is required")
-        if self.training.batch_size % self.scaling.num_workers:
+        bad = [n for n in self.scaling.worker_counts if self.training.batch_size % n]
+        if bad:
             raise ValueError(f"training.batch_size {self.training.batch_size} must be divisible by "
-                             f"scaling.num_workers {self.scaling.num_workers}")
+                             f"scaling.num_workers (every worker count it allows: {bad} do not divide it)")
         return self

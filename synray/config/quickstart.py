@@ -6,11 +6,14 @@ is exactly what a user would run by hand.
 
 from __future__ import annotations
 
+from functools import partial
+
 from typing import Literal
 
 from pydantic import Field
 
-from synray.config.base import StrictModel, TrackingConfig
+from synray.config.base import JobConfig, OutputConfig, StrictModel, TrackingConfig
+from synray.config.paths import URI, ConfigRef
 
 
 class WorldSplitConfig(StrictModel):
@@ -24,25 +27,29 @@ class WorldSplitConfig(StrictModel):
 class StageConfig(StrictModel):
     """A job config file and the overrides the quickstart applies to it."""
 
-    config: str
+    config: ConfigRef
     overrides: list[str] = Field(default_factory=list)
 
 
 class DistillStageConfig(StrictModel):
     """``--distill``: SynthDistill with the real offline pair (DigiFace DCGAN in the loop, dlib teacher)."""
 
-    config: str = "conf/distill/dcgan_dlib.yaml"
+    enabled: bool = False
+    config: ConfigRef = "conf/distill/dcgan_dlib.yaml"
     iterations_per_epoch: int = Field(20, ge=1)
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(32, ge=2)
 
 
-class QuickstartConfig(StrictModel):
+class QuickstartConfig(JobConfig):
     kind: Literal["quickstart"] = "quickstart"
-    output: str = "outputs/quickstart"
+    output: URI = "outputs/quickstart"  # every stage writes under it
     world: WorldSplitConfig = WorldSplitConfig()
     #: folder with the shipped world teacher + LDM (``synray quickstart --rebuild-assets`` writes it)
-    assets: str | None = None
+    assets: URI | None = None
+    #: ``--rebuild-assets``: retrain the world teacher and LDM first; ``--assets-only``: stop after that
+    rebuild_assets: bool = False
+    assets_only: bool = False
     synth_identities: int = Field(200, ge=2)
     synth_images_per_identity: int = Field(16, ge=2)
     #: training lengths (applied on top of the stage configs)
@@ -50,10 +57,13 @@ class QuickstartConfig(StrictModel):
     student_epochs: int = Field(6, ge=1)
     ldm_steps: int = Field(2000, ge=1)
     vq_fit_steps: int = Field(300, ge=1)
-    real: StageConfig = StageConfig(config="conf/synth/world.yaml")
-    synth: StageConfig = StageConfig(config="conf/synth/admis.yaml")
-    student: StageConfig = StageConfig(config="conf/train/world_tiny.yaml")
-    teacher: StageConfig = StageConfig(config="conf/train/world_tiny.yaml")
-    ldm: StageConfig = StageConfig(config="conf/ldm/world_tiny.yaml")
-    distill: DistillStageConfig = DistillStageConfig()
-    tracking: TrackingConfig = TrackingConfig(experiment="synray-quickstart")
+    real: StageConfig = Field(default_factory=partial(StageConfig, config="conf/synth/world.yaml"))
+    synth: StageConfig = Field(default_factory=partial(StageConfig, config="conf/synth/admis.yaml"))
+    student: StageConfig = Field(default_factory=partial(StageConfig, config="conf/train/world_tiny.yaml"))
+    teacher: StageConfig = Field(default_factory=partial(StageConfig, config="conf/train/world_tiny.yaml"))
+    ldm: StageConfig = Field(default_factory=partial(StageConfig, config="conf/ldm/world_tiny.yaml"))
+    distill: DistillStageConfig = Field(default_factory=DistillStageConfig)
+    tracking: TrackingConfig = Field(default_factory=partial(TrackingConfig, experiment="synray-quickstart"))
+
+    def writes(self) -> dict[str, OutputConfig]:
+        return {"output": OutputConfig(uri=self.output)}

@@ -7,11 +7,14 @@ checkpoint (LDM), checkpointed, and logged as an MLflow child run of the sweep's
 
 from __future__ import annotations
 
+from functools import partial
+
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from synray.config.base import OutputConfig, RayConfig, StrictModel, TrackingConfig
+from synray.config.base import JobConfig, OutputConfig, StrictModel, TrackingConfig
+from synray.config.paths import URI, ConfigRef, ModelRef
 
 
 class SearchDim(StrictModel):
@@ -78,12 +81,12 @@ class ObjectiveConfig(StrictModel):
     """LDM sweeps: score the samples of the EMA model at every checkpoint (see ``synray.tuning.objectives``)."""
 
     name: Literal["consistency", "separability", "verification_accuracy", "student_accuracy"] = "separability"
-    embedder: str | None = None  # FR model measuring the samples; default: the LDM config's context embedder
+    embedder: ModelRef | None = None  # FR model measuring the samples; default: the LDM config's context embedder
     identities: int = Field(8, ge=2)
     images_per_identity: int = Field(4, ge=2)
     sampler_steps: int = Field(10, ge=1, le=1000)
     student: StudentObjectiveConfig = StudentObjectiveConfig()
-    bins: list[str] = Field(default_factory=list)  # student_accuracy: verification sets
+    bins: list[URI] = Field(default_factory=list)  # student_accuracy: verification sets
 
     @model_validator(mode="after")
     def _check(self) -> ObjectiveConfig:
@@ -97,24 +100,11 @@ class TrialResources(StrictModel):
     gpu: float = Field(0.0, ge=0.0)
 
 
-class FaultInjectionConfig(StrictModel):
-    """Tests only: the first trial to start raises after reporting ``after_reports`` results unless ``marker`` exists."""
-
-    after_reports: int | None = Field(None, ge=1)
-    marker: str | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> FaultInjectionConfig:
-        if self.after_reports is not None and not self.marker:
-            raise ValueError("fault_injection.marker is required with fault_injection.after_reports")
-        return self
-
-
-class SweepConfig(StrictModel):
+class SweepConfig(JobConfig):
     kind: Literal["sweep"] = "sweep"
     name: str = Field("sweep", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")  # Tune experiment name: re-runs resume it
     target: Literal["distill", "train_ldm"] = "distill"
-    base: str | None = None  # the target job's YAML (relative paths: to the working directory)
+    base: ConfigRef | None = None  # the target job's YAML (relative paths: to the working directory, else conf/)
     overrides: list[str] = Field(default_factory=list)  # dotted overrides applied to ``base``
     space: dict[str, SearchDim] = Field(default_factory=dict)
     search: SearchConfig = SearchConfig()
@@ -127,10 +117,8 @@ class SweepConfig(StrictModel):
     trial_max_failures: int = Field(1, ge=0)  # automatic retries of a failed trial (from its last checkpoint)
     num_to_keep: int | None = Field(1, ge=1)  # checkpoints kept per trial
     resume: bool = True  # restore an existing experiment of the same name (Tuner.restore)
-    fault_injection: FaultInjectionConfig = FaultInjectionConfig()
-    output: OutputConfig = OutputConfig(uri="outputs/sweeps")
-    tracking: TrackingConfig = TrackingConfig(experiment="synray-sweeps")
-    ray: RayConfig = RayConfig()
+    output: OutputConfig = Field(default_factory=partial(OutputConfig, uri="outputs/sweeps"))
+    tracking: TrackingConfig = Field(default_factory=partial(TrackingConfig, experiment="synray-sweeps"))
 
     @model_validator(mode="after")
     def _check(self) -> SweepConfig:

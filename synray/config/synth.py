@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from synray.config.base import OutputConfig, RayConfig, StrictModel, TrackingConfig
+from synray.config.base import JobConfig, OutputConfig, StrictModel
+from synray.config.paths import URI, ModelRef
 
 
 class IdentitiesConfig(StrictModel):
@@ -24,7 +27,7 @@ class SeparationConfig(StrictModel):
     max_tries: int = Field(100, ge=1)
 
 
-class MixupConfig(StrictModel):
+class ContextMixupConfig(StrictModel):
     """SynFace identity mixup: blend identity i's code with a partner's, weight ``phi`` on identity i."""
 
     phi: float = Field(0.8, ge=0.0, le=1.0)
@@ -33,10 +36,10 @@ class MixupConfig(StrictModel):
 class ContextsConfig(StrictModel):
     source: Literal["gaussian", "embeddings_file", "face_embeddings", "mixup"] = "gaussian"
     dim: int = Field(512, ge=2)
-    path: str | None = None  # embeddings file (.npy / .parquet) or a folder of context face images
-    embedder: str | None = None  # FR model for face_embeddings: "world_teacher" or "<registry name>:<checkpoint>"
+    path: URI | None = None  # embeddings file (.npy / .parquet) or a folder of context face images
+    embedder: ModelRef | None = None  # FR model for face_embeddings: "world_teacher" or "<registry name>:<checkpoint>"
     separation: SeparationConfig = SeparationConfig()
-    mixup: MixupConfig = MixupConfig()
+    mixup: ContextMixupConfig = ContextMixupConfig()
 
     @model_validator(mode="after")
     def _needs_path(self) -> ContextsConfig:
@@ -66,8 +69,8 @@ class GeneratorConfig(StrictModel):
     """Which generator makes the images and how its actor pool is sized."""
 
     type: Literal["ldm", "world", "dcgan"] = "ldm"
-    unet: str | None = None  # diffusion checkpoint (published layout)
-    vq_decoder: str | None = None
+    unet: URI | None = None  # diffusion checkpoint (published layout)
+    vq_decoder: URI | None = None
     #: VQ architecture overrides (e.g. {ch: 32, ch_mult: [1, 2]}) for non-published decoders; None = published f4
     vq_config: dict[str, Any] | None = None
     latent_shape: tuple[int, int, int] = (3, 32, 32)
@@ -101,29 +104,29 @@ class AlignmentConfig(StrictModel):
 class QualityConfig(StrictModel):
     """Identity-consistency score (cosine of each image's embedding to its identity's context/mean)."""
 
-    embedder: str | None = None
+    embedder: ModelRef | None = None
     threshold: float | None = Field(None, ge=-1.0, le=1.0)
 
 
-class AugmentConfig(StrictModel):
+class IDAugmentConfig(StrictModel):
     """ADMIS/DCFace ID augmentation: add the context face ``context_repeats`` times per identity."""
 
     context_repeats: int = Field(0, ge=0, le=100)
 
 
-class SynthConfig(StrictModel):
+class SynthConfig(JobConfig):
     kind: Literal["synth"] = "synth"
     name: str = "synth"
     seed: int = Field(0, ge=0)
-    output: OutputConfig = OutputConfig(uri="outputs/synth")
+    output: OutputConfig = Field(default_factory=partial(OutputConfig, uri="outputs/synth"))
     identities: IdentitiesConfig = IdentitiesConfig()
     contexts: ContextsConfig = ContextsConfig()
-    generator: GeneratorConfig = GeneratorConfig(type="world")
+    generator: GeneratorConfig = Field(default_factory=partial(GeneratorConfig, type="world"))
     alignment: AlignmentConfig = AlignmentConfig()
-    augment: AugmentConfig = AugmentConfig()
+    augment: IDAugmentConfig = IDAugmentConfig()
     quality: QualityConfig = QualityConfig()
     image_format: Literal["png", "jpg"] = "png"
     #: ``kind`` recorded for generated images: ``real`` when a generator stands in for real data (the world's real split)
     label_kind: Literal["generated", "real"] = "generated"
-    tracking: TrackingConfig = TrackingConfig()
-    ray: RayConfig = RayConfig()
+    #: run the stages in a plain loop in this process, without Ray (small runs, the benchmarks' baseline)
+    local: bool = False

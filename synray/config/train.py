@@ -7,11 +7,15 @@ enabled); ``conf/train/`` holds that recipe at full scale and a tiny world one f
 
 from __future__ import annotations
 
+from functools import partial
+
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from synray.config.base import CheckpointConfig, OutputConfig, RayConfig, StrictModel, TrackingConfig
+from synray.config.base import JobConfig, OutputConfig, StrictModel
+from synray.config.paths import URI, ModelRef
+from synray.config.run import CheckpointConfig, EvalConfig, ScalingConfig
 
 
 class BackboneConfig(StrictModel):
@@ -49,7 +53,7 @@ class HeadConfig(StrictModel):
 class DataConfig(StrictModel):
     """Training shards (a synray dataset folder, local or ``s3://``) and how Ray Data feeds them."""
 
-    train: str | None = None
+    train: URI | None = None
     image_size: tuple[int, int] | None = None  # default: the backbone's input_size
     shuffle: Literal["global", "blocks", "none"] = "global"
     shuffle_buffer: int = Field(0, ge=0)  # rows of local shuffle on each worker (with shuffle: blocks)
@@ -119,7 +123,7 @@ class DomainMixupConfig(StrictModel):
     """SynFace domain mixup: blend each synthetic batch with a batch of real-labelled images."""
 
     enabled: bool = False
-    real: str | None = None  # shards of the real-labelled images (classes follow the synthetic ones)
+    real: URI | None = None  # shards of the real-labelled images (classes follow the synthetic ones)
     lambdas: list[float] | None = None  # default: SynFace's grid 0, 0.05, ..., 1
 
     @model_validator(mode="after")
@@ -142,7 +146,7 @@ class CFSMConfig(StrictModel):
     """CFSM adversarial augmentation with a frozen synthesis model (``G_state_dict`` checkpoint)."""
 
     enabled: bool = False
-    checkpoint: str | None = None
+    checkpoint: ModelRef | None = None
     generator: dict[str, Any] = Field(default_factory=dict)  # CFSMGenerator kwargs (defaults: the released model)
     epsilon: float = Field(0.314, ge=0.0)
     alpha: float = Field(0.314, ge=0.0)
@@ -162,71 +166,7 @@ class PartialFCConfig(StrictModel):
     sample_rate: float = Field(1.0, gt=0.0, le=1.0)
 
 
-class EvalConfig(StrictModel):
-    """Verification on insightface ``.bin`` sets (local files or folders) after every ``every_epochs`` epochs."""
-
-    bins: list[str] = Field(default_factory=list)
-    batch_size: int = Field(256, ge=1)
-    flip: bool = True
-    every_epochs: int = Field(1, ge=1)
-
-
-class ScalingConfig(StrictModel):
-    """Ray Train workers: a fixed count or ``[min, max]`` (elastic); GPUs use NCCL, CPUs gloo."""
-
-    num_workers: int | tuple[int, int] = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0.0)
-    #: extra custom resources per worker, e.g. ``{gpu_node: 1}`` to place one worker per node of a type
-    resources: dict[str, float] = {}
-    amp: bool | None = None  # mixed precision; default on with GPUs
-    torch_threads: int | None = Field(None, ge=1)
-
-    @field_validator("num_workers")
-    @classmethod
-    def _workers(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
-        if isinstance(v, tuple):
-            if v[0] < 1 or v[1] < v[0]:
-                raise ValueError(f"num_workers [min, max] needs 1 <= min <= max, got {list(v)}")
-        elif v < 1:
-            raise ValueError(f"num_workers must be >= 1, got {v}")
-        return v
-
-    @field_validator("resources")
-    @classmethod
-    def _resources(cls, v: dict[str, float]) -> dict[str, float]:
-        for name, amount in v.items():
-            if name in ("CPU", "GPU") or amount <= 0:
-                raise ValueError(f"resources: {name}={amount} must be a custom resource > 0 "
-                                 "(CPUs and GPUs come from cpus_per_worker and use_gpu)")
-        return v
-
-    @property
-    def max_workers(self) -> int:
-        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
-
-
-class CheckpointingConfig(CheckpointConfig):
-    """Checkpoint after every epoch (and every ``every_steps`` steps if > 0); retries after failures."""
-
-    every_steps: int = Field(0, ge=0)
-
-
-class FaultInjectionConfig(StrictModel):
-    """Tests only: rank ``rank`` exits at global step ``at_step`` unless ``marker`` exists (it creates it)."""
-
-    at_step: int | None = Field(None, ge=0)
-    rank: int = Field(1, ge=0)
-    marker: str | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> FaultInjectionConfig:
-        if self.at_step is not None and not self.marker:
-            raise ValueError("fault_injection.marker is required with fault_injection.at_step")
-        return self
-
-
-class TrainConfig(StrictModel):
+class TrainConfig(JobConfig):
     kind: Literal["train"] = "train"
     name: str = Field("train", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")  # Ray Train run name: re-runs resume it
     seed: int = Field(0, ge=0)
@@ -243,11 +183,8 @@ class TrainConfig(StrictModel):
     partial_fc: PartialFCConfig = PartialFCConfig()
     eval: EvalConfig = EvalConfig()
     scaling: ScalingConfig = ScalingConfig()
-    checkpoint: CheckpointingConfig = CheckpointingConfig()
-    output: OutputConfig = OutputConfig(uri="outputs/train")
-    tracking: TrackingConfig = TrackingConfig()
-    ray: RayConfig = RayConfig()
-    fault_injection: FaultInjectionConfig = FaultInjectionConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    output: OutputConfig = Field(default_factory=partial(OutputConfig, uri="outputs/train"))
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -1,4 +1,4 @@
-"""SynthDistill training loop: plain-torch :class:`Distiller`, its Ray Train worker and the driver.
+"""SynthDistill: the plain-torch :class:`Distiller`, its loop and the ``distill`` job on the shared runner.
 
 Each iteration makes two optimiser steps (SynthDistill ``train.py``):
 
@@ -22,7 +22,6 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,29 +29,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from synray.config.base import ConfigError
 from synray.config.distill import DistillConfig
-from synray.distill.generators import LatentGenerator, build_latent_generator, face_crops
+from synray.distill.generators import GeneratorError, LatentGenerator, build_latent_generator, face_crops
 from synray.distill.teachers import Teacher, load_teacher, model_input, raw_embedding
+from synray.jobs import JobContext, Need, Outcome
 from synray.models.registry import build_backbone
+from synray.seeds import derive
+from synray.training.checkpointing import CheckpointReader
 from synray.training.collective import all_reduce_sum
-from synray.training.hooks import RunnerHooks
 from synray.training.resample import kd_loss, resample_latents
+from synray.training.runner import Hooks, fit
 
-__all__ = [
-    "Distiller", "LoopHooks", "distill_loop", "distill_loop_per_worker", "check_distill_config", "run_distill",
-    "DistillOutcome", "VALIDATION_STREAM",
-]
+__all__ = ["Distiller", "distill_loop", "check", "needs", "run", "VALIDATION_STREAM"]
 
 VALIDATION_STREAM = 0x7A11D  # keeps validation latents apart from every training draw
 STUDENT_FILE, STATE_FILE, META_FILE, EVAL_FILE = "student.pt", "trainer_state.pt", "meta.json", "eval.json"
 
 
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] & ((1 << 62) - 1))
-
-
 def _gen(*parts: int) -> torch.Generator:
-    return torch.Generator().manual_seed(_seed(*parts))
+    return torch.Generator().manual_seed(derive(*parts))
 
 
 class Distiller:
@@ -153,38 +149,30 @@ class Distiller:
         with open(os.path.join(directory, META_FILE), "w") as fh:
             json.dump(meta, fh, indent=2)
 
-    def restore(self, directory: str) -> dict[str, Any]:
+    def restore(self, reader: CheckpointReader) -> dict[str, Any]:
         from synray.models.checkpoint import load_strict
-        from synray.models.export import read_exported
 
-        blob = read_exported(os.path.join(directory, STUDENT_FILE))
-        load_strict(self.student_module, blob["state_dict"], what=f"checkpoint {directory}")
-        state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+        blob = reader.load(STUDENT_FILE)
+        load_strict(self.student_module, blob["state_dict"], what=f"checkpoint {reader.path}")
+        state = reader.load(STATE_FILE)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        with open(os.path.join(directory, META_FILE)) as fh:
-            return json.load(fh)
+        return json.loads(reader.read_bytes(META_FILE))
 
 
 # --------------------------------------------------------------------------------------------
-# the loop, shared by Ray Train workers and Tune trials
+# the loop (one process, every Ray Train rank, or a Tune trial)
 
 
-@dataclass
-class LoopHooks(RunnerHooks):
-    stop_after_epoch: int | None = None  # tests: stop (as if killed) after reporting this epoch
-
-
-def distill_loop(cfg: DistillConfig, hooks: LoopHooks) -> dict[str, Any]:
+def distill_loop(cfg: DistillConfig, hooks: Hooks) -> dict[str, Any]:
     """Run (or resume) the distillation; reports metrics and a checkpoint after every epoch."""
     d = Distiller(cfg, hooks.rank, hooks.world_size, hooks.device, hooks.wrap)
     epoch, step, cos_initial = 0, 0, None
-    if hooks.restore_dir is not None:
-        meta = d.restore(hooks.restore_dir)
+    if hooks.restore is not None:
+        meta = d.restore(hooks.restore)
         epoch, step, cos_initial = meta["epoch"], meta["step"], meta.get("val_cos_initial")
-        if hooks.rank == 0:
-            print(f"[synray distill] resumed from epoch {epoch} (step {step})", flush=True)
-    resumed_from = epoch if hooks.restore_dir is not None else -1
+        hooks.log(f"[synray distill] resumed from epoch {epoch} (step {step})")
+    resumed_from = epoch if hooks.restore is not None else -1
 
     def val() -> tuple[float, float]:
         v = d.validate()
@@ -203,6 +191,7 @@ def distill_loop(cfg: DistillConfig, hooks: LoopHooks) -> dict[str, Any]:
                 raise FloatingPointError(f"distillation loss is {r['loss']} at epoch {epoch} iteration {it}; lower optimizer.lr")
             sums += (r["loss"], r.get("loss_resampled", 0.0), r["cos"])
             step += 2 if cfg.resampling else 1
+            hooks.step_done(step)
         seconds = time.time() - t0
         lr = d.optimizer.param_groups[0]["lr"]
         d.scheduler.step()
@@ -229,126 +218,54 @@ def distill_loop(cfg: DistillConfig, hooks: LoopHooks) -> dict[str, Any]:
                 if results:
                     with open(os.path.join(tmp, EVAL_FILE), "w") as fh:
                         json.dump(results, fh)
-            if hooks.report is not None:
-                hooks.report(metrics, tmp if hooks.rank == 0 else None)
-        if hooks.stop_after_epoch is not None and epoch >= hooks.stop_after_epoch and epoch < cfg.epochs:
-            raise RuntimeError(f"stopped after epoch {epoch} (stop_after_epoch)")
+            hooks.report(metrics, tmp if hooks.rank == 0 else None)
     return metrics
 
 
-def distill_loop_per_worker(loop_config: dict) -> None:
-    """The Ray Train worker function."""
-    import ray.train
-    import ray.train.torch
-
-    cfg = DistillConfig.model_validate(loop_config["cfg"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
-    device = ray.train.torch.get_device()
-
-    def report(metrics: dict, directory: str | None) -> None:
-        ckpt = ray.train.Checkpoint.from_directory(directory) if directory else None
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_epoch_{metrics['epoch']:04d}")
-
-    wrap = (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        distill_loop(cfg, LoopHooks(rank, world, device, wrap, report))
-        return
-    with ckpt.as_directory() as directory:
-        distill_loop(cfg, LoopHooks(rank, world, device, wrap, report, restore_dir=directory))
-
-
 # --------------------------------------------------------------------------------------------
-# driver
+# the job (driver)
 
 
-def check_distill_config(cfg: DistillConfig) -> None:
-    """Cheap checks before any Ray work: teacher/student dims, generator files, evaluation sets."""
+def check(cfg: DistillConfig) -> None:
+    """Before any Ray work: teacher/student dims, generator files, evaluation sets."""
     from synray.evaluation.evaluate import find_bins
 
     if cfg.generator.type in ("stylegan2", "ldm") and not os.path.exists(cfg.generator.path):
-        raise ValueError(f"generator.path: file not found: {cfg.generator.path}")
+        raise GeneratorError(f"generator.path: file not found: {cfg.generator.path}")
     if cfg.generator.type == "ldm" and not os.path.exists(cfg.generator.vq_decoder):
-        raise ValueError(f"generator.vq_decoder: file not found: {cfg.generator.vq_decoder}")
+        raise GeneratorError(f"generator.vq_decoder: file not found: {cfg.generator.vq_decoder}")
     if cfg.eval.bins:
         try:
             find_bins(cfg.eval.bins)
         except FileNotFoundError as exc:
-            raise ValueError(f"eval.bins: {exc}") from None
+            raise ConfigError(f"eval.bins: {exc}") from None
     teacher = load_teacher(cfg.teacher)
     student = build_backbone(cfg.student.name, **cfg.student.kwargs)
     dim = int(getattr(student, "embedding_dim", 0))
     if dim != teacher.embedding_dim:
-        raise ValueError(
+        raise ConfigError(
             f"student.kwargs.embedding_dim: student {cfg.student.name} gives {dim}-d embeddings, teacher "
             f"{cfg.teacher!r} gives {teacher.embedding_dim}-d; set student.kwargs.embedding_dim: {teacher.embedding_dim}")
 
 
-@dataclass
-class DistillOutcome:
-    metrics: dict[str, Any]
-    student_uri: str | None
-    output_uri: str
-    verification: dict[str, dict[str, float]] | None
-    table: str | None
+def needs(cfg: DistillConfig) -> list[Need]:
+    return [Need.workers(cfg.scaling)]
 
 
-def run_distill(cfg: DistillConfig, workdir: str | None = None, checked: bool = False) -> DistillOutcome:
-    """Distil as configured on Ray Train; re-running with the same ``output.uri`` and ``name`` resumes.
-
-    ``checked``: :func:`check_distill_config` already ran (it loads the teacher once more otherwise).
-    """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
+def run(cfg: DistillConfig, ctx: JobContext) -> Outcome:
+    """Distil as configured on Ray Train; re-running with the same ``output.uri`` and ``name`` resumes."""
     from synray.io import storage
-    from synray.runtime import init_ray, is_quiet
-    from synray.tracking import job_run, resolve_tracking_uri
-    from synray.tuning.tracking import TrainMetricsToMLflow
 
-    if not checked:
-        check_distill_config(cfg)
-    init_ray(cfg.ray)
-    loc = storage.resolve(cfg.output.uri)
     run_uri = storage.join(cfg.output.uri, cfg.name)
-    with job_run(cfg, "distill", workdir=workdir) as tracker:
-        callbacks = []
-        if tracker.run_id is not None:
-            callbacks.append(TrainMetricsToMLflow(resolve_tracking_uri(cfg.tracking, workdir), tracker.run_id, "distill"))
-        s = cfg.scaling
-        trainer = TorchTrainer(
-            distill_loop_per_worker,
-            train_loop_config={"cfg": cfg.model_dump(mode="json")},
-            scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                                   resources_per_worker={"CPU": s.cpus_per_worker}),
-            run_config=ray.train.RunConfig(
-                name=cfg.name, storage_path=loc.path, storage_filesystem=loc.fs,
-                failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-                callbacks=callbacks,
-            ),
-        )
-        result = trainer.fit()
-        metrics = dict(result.metrics or {})
-        verification = table = student_uri = None
-        if result.checkpoint is not None:
-            from synray.evaluation.evaluate import format_table
-            from synray.training.checkpointing import CheckpointReader
-
-            reader = CheckpointReader.from_checkpoint(result.checkpoint)
-            student_uri = storage.join(run_uri, "final", STUDENT_FILE)
-            storage.write_bytes_atomic(student_uri, reader.read_bytes(STUDENT_FILE))
-            if EVAL_FILE in reader.names():
-                verification = json.loads(reader.read_bytes(EVAL_FILE))
-                table = format_table(verification)
-                tracker.log_text(table, "verification.txt")
-            tracker.log_metrics({f"final/{k}": float(v) for k, v in metrics.items()
-                                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        summary = {"metrics": metrics, "student": student_uri, "verification": verification}
-        storage.write_bytes_atomic(storage.join(run_uri, "final", "summary.json"),
-                                   json.dumps(summary, indent=2, default=str).encode())
-        if table and not is_quiet(cfg.ray):
-            print(table)
-    return DistillOutcome(metrics, student_uri, run_uri, verification, table)
+    result = fit(distill_loop, cfg, name=cfg.name, output_uri=cfg.output.uri, scaling=cfg.scaling,
+                 checkpoint=cfg.checkpoint, callbacks=ctx.callbacks, tracker=ctx.tracker, job="distill",
+                 quiet=ctx.quiet)
+    outcome = Outcome("distill", run_uri, result.metrics, checkpoint_uri=result.checkpoint_uri)
+    reader = result.checkpoint
+    if reader is not None:
+        outcome.model_uri = storage.join(run_uri, "final", STUDENT_FILE)
+        storage.write_bytes_atomic(outcome.model_uri, reader.read_bytes(STUDENT_FILE))
+        if EVAL_FILE in reader.names():
+            outcome.set_verification(json.loads(reader.read_bytes(EVAL_FILE)), ctx.tracker)
+    outcome.write_summary(storage.join(run_uri, "final", "summary.json"))
+    return outcome

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from synray.errors import UserError
-from synray.synthesis.seeds import CONTEXT, PARTNER, rng
+from synray.seeds import CONTEXT, PARTNER, rng
 
 
 class ContextError(UserError, ValueError):

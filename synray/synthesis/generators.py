@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from synray.config.synth import SynthConfig
-from synray.synthesis.seeds import sample_seed, torch_generator
+from synray.seeds import sample_seed, torch_generator
 
 
 class Generator(Protocol):

@@ -13,14 +13,16 @@ from typing import Any
 
 import numpy as np
 
-from synray.config import config_hash, to_yaml
+from synray.config import ConfigError, config_hash, to_yaml
 from synray.config.synth import SynthConfig
+from synray.errors import UserError
 from synray.io import shards, storage
+from synray.jobs import JobContext, Need, Outcome
 from synray.synthesis import contexts as C
 from synray.synthesis.stages import AlignStage, ContextFaceStage, FinishStage, GenerateStage, WriteStage, preview_grid
 
 #: fields that change how fast a dataset is made, never what it contains
-NON_CONTENT = {"name": True, "output": True, "tracking": True, "ray": True,
+NON_CONTENT = {"name": True, "output": True, "tracking": True, "ray": True, "local": True,
                "generator": {"batch_size", "num_gpus", "num_cpus", "min_actors", "max_actors"},
                "alignment": {"num_cpus"}}
 CONTEXT_FACE_SAMPLE = 10**6  # world sample index reserved for an identity's context face
@@ -256,3 +258,37 @@ def _progress(total: int, skipped: int, show: bool):
         console.print(f"  unit {done}/{total}  images {images}  {images / max(seconds, 1e-9):.1f} img/s")
 
     return update
+
+
+# --------------------------------------------------------------------------------------------
+# the job
+
+
+def check(cfg: SynthConfig) -> None:
+    try:
+        check_config(cfg)
+    except ValueError as exc:
+        if isinstance(exc, UserError):
+            raise
+        raise ConfigError(str(exc)) from None
+
+
+def needs(cfg: SynthConfig) -> list[Need] | None:
+    """The actor pools' minimum sizes plus one slot for the task stages (None: ``local`` runs without Ray)."""
+    if cfg.local:
+        return None
+    g = cfg.generator
+    gen = {"CPU": g.num_cpus, **({"GPU": g.num_gpus} if g.num_gpus else {})}
+    out = [Need(f"{g.min_actors} generator actor(s)", "generator.min_actors, generator.num_cpus, generator.num_gpus",
+                gen, g.min_actors),
+           Need("the write stage", "(fixed)", {"CPU": 0.25})]
+    if cfg.contexts.source == "face_embeddings":
+        out.append(Need("the context-face embedder", "contexts.source", {"CPU": 0.5}))
+    if cfg.alignment.mode == "landmarks":
+        out.append(Need("the landmark aligner", "alignment.num_cpus", {"CPU": cfg.alignment.num_cpus}))
+    return out
+
+
+def run(cfg: SynthConfig, ctx: JobContext) -> Outcome:
+    summary = run_local(cfg, ctx.tracker) if cfg.local else run_synthesis(cfg, ctx.tracker, progress=not ctx.quiet)
+    return Outcome("synth", cfg.output.uri, summary)

@@ -18,7 +18,7 @@ from synray.config.synth import SynthConfig
 from synray.io import shards
 from synray.align import resize
 from synray.io.images import decode_image, encode_image
-from synray.synthesis.seeds import sample_seed
+from synray.seeds import sample_seed
 
 Unit = dict[str, np.ndarray]
 

@@ -7,15 +7,17 @@ The pieces, top to bottom:
 * :class:`Learner` (plain torch): backbone, class-centre shard (:class:`ShardedClassifier`),
   optimisers, LR schedule, AMP, and :meth:`Learner.step`, which applies SynFace mixups and CFSM
   before the optimiser step. It works without Ray (one process) and under DDP.
-* :func:`train_loop_per_worker` (Ray Train worker): builds a :class:`Learner`, restores the last
-  checkpoint, iterates this worker's Ray Data shard, evaluates on rank 0 and reports metrics plus a
-  checkpoint every epoch (and every ``checkpoint.every_steps`` steps).
-* :func:`run_training` (driver): Ray Data pipelines, ``TorchTrainer`` with ``FailureConfig`` and the
-  run name that makes a re-run resume, an MLflow run fed by a controller callback, the final table.
+* :func:`train_loop` (one process, or every Ray Train rank through :mod:`synray.training.runner`):
+  builds a :class:`Learner`, restores the last checkpoint, iterates this rank's Ray Data shard,
+  evaluates on rank 0 and reports metrics plus a checkpoint every epoch (and every
+  ``checkpoint.every_steps`` steps).
+* :func:`run` (the ``train`` job): Ray Data pipelines into the shared runner (whose run name makes a
+  re-run resume), the final backbone and verification table.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -35,16 +37,16 @@ from synray.models.heads import build_head
 from synray.models.registry import build_backbone, normalize_images
 from synray.training import schedules
 from synray.training.cfsm_aug import adversarial_styles, real_synth_indices
-from synray.training.checkpointing import CheckpointReader, TrainingMeta, run_storage, write_rank_files
+from synray.jobs import JobContext, Need, Outcome
+from synray.training.checkpointing import CheckpointReader, TrainingMeta, write_rank_files
 from synray.training.collective import all_reduce_sum
 from synray.training.data import DataError, DatasetInfo, dataset_info
 from synray.training.mixup import SYNFACE_LAMBDAS, Target, mix_images, sample_lambda, synface_targets
 from synray.training.partial_fc import ShardedClassifier, class_split
+from synray.training.runner import Hooks, fit
+from synray.seeds import derive
 
-__all__ = [
-    "TrainPlan", "plan_training", "learning_rate", "Learner", "train_loop_per_worker", "run_training", "TrainOutcome",
-    "raw_embedding",
-]
+__all__ = ["TrainPlan", "plan_training", "learning_rate", "Learner", "train_loop", "check", "needs", "run", "raw_embedding"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,8 +116,7 @@ def plan_training(cfg: TrainConfig) -> tuple[TrainPlan, DatasetInfo, DatasetInfo
 # learning rate
 
 
-def learning_rate(cfg: TrainConfig, epoch: int, step_in_epoch: int, global_step: int, steps_per_epoch: int,
-                  _cache: dict | None = None) -> float:
+def learning_rate(cfg: TrainConfig, epoch: int, step_in_epoch: int, global_step: int, steps_per_epoch: int) -> float:
     """LR in force for the optimiser step ``global_step`` (epoch ``epoch``, ``step_in_epoch``)."""
     s, base = cfg.schedule, cfg.optimizer.lr
     warmup = s.warmup_steps + int(round(s.warmup_epochs * steps_per_epoch))
@@ -129,14 +130,13 @@ def learning_rate(cfg: TrainConfig, epoch: int, step_in_epoch: int, global_step:
         return base * schedules.elasticface_multiplier(epoch, s.milestones)
     if s.name == "poly":
         return schedules.poly_lr(min(global_step, total - 1), base, warmup, total, s.power or 2.0)
-    # poly_warmup: insightface's multiplicative recurrence, evaluated once and cached
-    key = ("poly_warmup", base, warmup, total, s.power)
-    cache = _cache if _cache is not None else {}
-    if key not in cache:
-        cache.clear()
-        cache[key] = schedules.polynomial_lr_warmup(base, warmup, total, total, s.power or 1.0)
-    lrs = cache[key]
+    lrs = _poly_warmup(base, warmup, total, s.power or 1.0)  # insightface's multiplicative recurrence
     return lrs[min(global_step, len(lrs) - 1)]
+
+
+@functools.lru_cache(maxsize=4)
+def _poly_warmup(base: float, warmup: int, total: int, power: float) -> tuple[float, ...]:
+    return tuple(schedules.polynomial_lr_warmup(base, warmup, total, total, power))
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,10 +166,6 @@ def _optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
     return torch.optim.AdamW(groups, lr=o.lr)
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] & ((1 << 62) - 1))
 
 
 @dataclass
@@ -214,7 +210,7 @@ class Learner:
         torch.manual_seed(cfg.seed)  # the same backbone on every rank
         backbone = build_backbone(cfg.backbone.name, **cfg.backbone.kwargs)
         self.start, count = class_split(plan.num_classes, world_size, rank)
-        torch.manual_seed(_seed(cfg.seed, 1, self.start))  # centres depend on their classes, not the rank
+        torch.manual_seed(derive(cfg.seed, 1, self.start))  # centres depend on their classes, not the rank
         head = build_head(cfg.head.name, plan.embedding_size, count, **cfg.head.kwargs)
         self.classifier = ShardedClassifier(head, plan.num_classes, self.start, cfg.partial_fc.sample_rate,
                                             grad_scale=float(world_size), seed=cfg.seed).to(self.device)
@@ -228,7 +224,6 @@ class Learner:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.device.type == "cuda")
         self.generator = self._load_generator() if cfg.cfsm.enabled else None
         self.lambdas = tuple(cfg.mixup.domain.lambdas or SYNFACE_LAMBDAS)
-        self._lr_cache: dict = {}
 
     @property
     def head(self) -> nn.Module:
@@ -264,7 +259,7 @@ class Learner:
         cfg = self.cfg
         self.backbone.train()
         x = normalize_images(self.backbone_module, batch["image"].to(self.device, non_blocking=True))
-        rng = np.random.default_rng(_seed(cfg.seed, 2, global_step, self.rank))
+        rng = np.random.default_rng(derive(cfg.seed, 2, global_step, self.rank))
         lam = 1.0
         real_label = None
         if real is not None:
@@ -275,7 +270,7 @@ class Learner:
         targets = self.targets_for(batch, real_label, lam)
 
         if self.generator is not None:
-            gen = torch.Generator().manual_seed(_seed(cfg.seed, 3, global_step, self.rank))
+            gen = torch.Generator().manual_seed(derive(cfg.seed, 3, global_step, self.rank))
 
             def adv_loss(img: Tensor) -> Tensor:
                 return self.classifier(self._embed(self.backbone_module, img), targets)[0]
@@ -306,7 +301,7 @@ class Learner:
         return StepResult(float(loss.detach()), correct, int(primary.numel()), lr, lam)
 
     def lr_at(self, epoch: int, step_in_epoch: int, global_step: int, steps_per_epoch: int) -> float:
-        return learning_rate(self.cfg, epoch, step_in_epoch, global_step, steps_per_epoch, self._lr_cache)
+        return learning_rate(self.cfg, epoch, step_in_epoch, global_step, steps_per_epoch)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def kernel_state(self) -> dict[str, Any]:
@@ -353,7 +348,7 @@ class Learner:
 
 
 # --------------------------------------------------------------------------------------------
-# Ray Train worker
+# the loop (one process, or every Ray Train rank)
 
 
 def _synced_next(it: Iterator, world_size: int, device: torch.device):
@@ -383,22 +378,6 @@ def _cycle(shard, batch_size: int, prefetch: int) -> Iterator:
             raise DataError("the real-labelled dataset shard yields no full batch")
 
 
-def _maybe_crash(cfg: TrainConfig, rank: int, global_step: int) -> None:
-    """Tests only: the configured rank dies once (a marker file remembers it) at the configured step.
-
-    It first waits until the controller has registered every checkpoint reported so far, so the
-    test sees a crash in steady state rather than a race with the last report.
-    """
-    fi = cfg.fault_injection
-    if fi.at_step is not None and global_step == fi.at_step and rank == fi.rank and not os.path.exists(fi.marker):
-        import ray.train
-
-        ray.train.get_all_reported_checkpoints(timeout_s=120)
-        with open(fi.marker, "w") as fh:
-            fh.write(f"rank {rank} exited at step {global_step}\n")
-        os._exit(1)
-
-
 def _evaluate(learner: Learner, cfg: TrainConfig) -> dict[str, dict[str, float]]:
     from synray.evaluation.evaluate import evaluate_bins
 
@@ -406,42 +385,31 @@ def _evaluate(learner: Learner, cfg: TrainConfig) -> dict[str, dict[str, float]]
                          image_size=learner.plan.image_size)
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    """The Ray Train worker function (one per rank)."""
-    import ray.train
-    import ray.train.torch
-
-    cfg = TrainConfig.model_validate(loop_config["cfg"])
-    quiet = bool(loop_config.get("quiet"))
-    plan = TrainPlan.from_dict(loop_config["plan"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(cfg.scaling.cpus_per_worker)))
-    device = ray.train.torch.get_device()
-    learner = Learner(cfg, plan, rank, world, device,
-                      wrap=(lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else None)
+def train_loop(cfg: TrainConfig, hooks: Hooks, plan: dict[str, Any]) -> dict[str, Any]:
+    """Train (or resume) on ``hooks.datasets["train"]`` (and ``"real"`` for domain mixup); reports every epoch."""
+    plan_ = TrainPlan.from_dict(plan)
+    rank, world, device = hooks.rank, hooks.world_size, torch.device(hooks.device)
+    learner = Learner(cfg, plan_, rank, world, device, wrap=hooks.wrap)
 
     epoch, global_step, step_in_epoch, resumed_from = 0, 0, 0, -1
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        meta = learner.restore(CheckpointReader.from_checkpoint(ckpt))
+    if hooks.restore is not None:
+        meta = learner.restore(hooks.restore)
         epoch, global_step, step_in_epoch, resumed_from = meta.epoch, meta.step, meta.step_in_epoch, meta.step
-        if rank == 0 and not quiet:
-            print(f"[synray train] resumed from epoch {meta.epoch} step {meta.step} "
-                  f"(written by {meta.world_size} workers, now {world})", flush=True)
+        hooks.log(f"[synray train] resumed from epoch {meta.epoch} step {meta.step} "
+                  f"(written by {meta.world_size} workers, now {world})")
 
     b_w = cfg.batch_size // world
-    spe = plan.steps_per_epoch(cfg.batch_size, world)
-    train_shard = ray.train.get_dataset_shard("train")
-    real_it = None
-    if cfg.mixup.domain.enabled:
-        real_it = _cycle(ray.train.get_dataset_shard("real"), b_w, cfg.data.prefetch_batches)
+    spe = plan_.steps_per_epoch(cfg.batch_size, world)
+    train_shard = hooks.datasets["train"]
+    real_it = _cycle(hooks.datasets["real"], b_w, cfg.data.prefetch_batches) if cfg.mixup.domain.enabled else None
     every = cfg.checkpoint.every_steps
+    metrics: dict[str, Any] = {}
 
     def report(stats: EpochStats, epoch_done: int, in_epoch: int, eval_results: dict | None) -> None:
+        nonlocal metrics
         loss_sum, steps, correct, rows, images = all_reduce_sum(
             [stats.loss_sum, stats.steps, stats.correct, stats.rows, stats.images], device, world)
-        metrics: dict[str, Any] = {
+        metrics = {
             "epoch": epoch_done, "step": global_step, "step_in_epoch": in_epoch, "world_size": world,
             "resumed_from_step": resumed_from, "steps_per_epoch": spe,
             "loss": loss_sum / max(steps, 1), "train_accuracy": correct / max(rows, 1),
@@ -450,19 +418,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         }
         for name, r in (eval_results or {}).items():
             metrics[f"val/{name}/accuracy"] = r["accuracy"]
-        if rank == 0 and not quiet:
-            val = "".join(f", {k[4:-9]} {v:.4f}" for k, v in metrics.items() if k.startswith("val/"))
-            print(f"[synray train] epoch {epoch_done}/{cfg.epochs} step {global_step}: loss {metrics['loss']:.4f}, "
+        val = "".join(f", {k[4:-9]} {v:.4f}" for k, v in metrics.items() if k.startswith("val/"))
+        hooks.log(f"[synray train] epoch {epoch_done}/{cfg.epochs} step {global_step}: loss {metrics['loss']:.4f}, "
                   f"train acc {metrics['train_accuracy']:.4f}, lr {metrics['lr']:.4g}, "
-                  f"{metrics['images_per_second']:.1f} img/s over {stats.seconds:.1f} s{val}", flush=True)
-        meta = TrainingMeta(epoch_done, global_step, in_epoch, plan.num_classes, plan.embedding_size, world, plan.config_hash)
+                  f"{metrics['images_per_second']:.1f} img/s over {stats.seconds:.1f} s{val}")
+        meta = TrainingMeta(epoch_done, global_step, in_epoch, plan_.num_classes, plan_.embedding_size, world,
+                            plan_.config_hash)
         with tempfile.TemporaryDirectory() as d:
             learner.write_checkpoint(d, meta)
             if rank == 0 and eval_results:
                 with open(os.path.join(d, "eval.json"), "w") as fh:
                     json.dump(eval_results, fh)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                             checkpoint_dir_name=f"checkpoint_{global_step:09d}")
+            hooks.report(metrics, d)
 
     while epoch < cfg.epochs:
         stats = EpochStats()
@@ -475,7 +442,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             batch = _synced_next(it, world, device)
             if batch is None:
                 break
-            _maybe_crash(cfg, rank, global_step)
             real = next(real_it) if real_it is not None else None
             lr = learner.lr_at(epoch, step_in_epoch, global_step, spe)
             result = learner.step(batch, global_step, lr, real)
@@ -484,12 +450,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             stats.add(result, int(batch["image"].shape[0]))
             global_step += 1
             step_in_epoch += 1
+            hooks.step_done(global_step)
             if every and global_step % every == 0 and step_in_epoch < spe:
                 stats.seconds = time.time() - t0
                 report(stats, epoch, step_in_epoch, None)
         del it
-        if step_in_epoch < spe and rank == 0:
-            print(f"[synray train] epoch {epoch} ran out of data after {step_in_epoch} of {spe} steps", flush=True)
+        if step_in_epoch < spe:
+            hooks.log(f"[synray train] epoch {epoch} ran out of data after {step_in_epoch} of {spe} steps")
         stats.seconds = time.time() - t0
         epoch += 1
         step_in_epoch = 0
@@ -497,22 +464,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0 and cfg.eval.bins and (epoch % cfg.eval.every_epochs == 0 or epoch == cfg.epochs):
             results = _evaluate(learner, cfg)
         report(stats, epoch, 0, results)
+    return metrics
 
 
 # --------------------------------------------------------------------------------------------
-# driver
-
-
-@dataclass
-class TrainOutcome:
-    """What a finished run left behind."""
-
-    metrics: dict[str, Any]
-    checkpoint_uri: str | None
-    output_uri: str
-    verification: dict[str, dict[str, float]] | None
-    table: str | None
-    plan: dict[str, Any]
+# the job (driver)
 
 
 def build_datasets(cfg: TrainConfig, plan: TrainPlan, train: DatasetInfo, real: DatasetInfo | None) -> dict:
@@ -546,66 +502,36 @@ def export_final(cfg: TrainConfig, backbone_bytes: bytes) -> bytes:
             return fh.read()
 
 
-def run_training(cfg: TrainConfig, workdir: str | None = None) -> TrainOutcome:
+def check(cfg: TrainConfig) -> None:
+    """Before Ray starts: the data must fit the config."""
+    plan_training(cfg)
+
+
+def needs(cfg: TrainConfig) -> list[Need]:
+    return [Need.workers(cfg.scaling), Need.data(cfg.data.decode_num_cpus, "data.decode_num_cpus")]
+
+
+def run(cfg: TrainConfig, ctx: JobContext) -> Outcome:
     """Train as configured; re-running with the same ``output.uri`` and ``name`` resumes the run."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from synray.io import storage
-    from synray.runtime import init_ray, is_quiet
-    from synray.tracking import job_run, resolve_tracking_uri
-    from synray.tuning.tracking import TrainMetricsToMLflow
 
-    plan, train, real = plan_training(cfg)  # before any Ray work: bad data fails fast
-    init_ray(cfg.ray)
-    quiet = is_quiet(cfg.ray)
-    datasets = build_datasets(cfg, plan, train, real)
-    storage_path, fs = run_storage(cfg.output.uri)
+    plan, train, real = plan_training(cfg)
     run_uri = storage.join(cfg.output.uri, cfg.name)
-    plan_dict = plan.to_dict()
-
-    with job_run(cfg, "train", workdir=workdir) as tracker:
-        tracker.log_params({"plan.num_classes": plan.num_classes, "plan.train_rows": plan.train_rows})
-        callbacks = []
-        if tracker.run_id is not None:
-            callbacks.append(TrainMetricsToMLflow(resolve_tracking_uri(cfg.tracking, workdir), tracker.run_id, "train"))
-        scaling = cfg.scaling
-        workers = tuple(scaling.num_workers) if isinstance(scaling.num_workers, tuple) else scaling.num_workers
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": plan_dict, "quiet": quiet},
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=workers, use_gpu=scaling.use_gpu, resources_per_worker={"CPU": scaling.cpus_per_worker, **scaling.resources},
-            ),
-            run_config=ray.train.RunConfig(
-                name=cfg.name, storage_path=storage_path, storage_filesystem=fs,
-                failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-                callbacks=callbacks,
-            ),
-            datasets=datasets,
-            dataset_config=ray.train.DataConfig(datasets_to_split="all"),
-        )
-        result = trainer.fit()
-        metrics = dict(result.metrics or {})
-        verification, table, ckpt_uri = None, None, None
-        if result.checkpoint is not None:
-            reader = CheckpointReader.from_checkpoint(result.checkpoint)
-            ckpt_uri = storage.join(cfg.output.uri, os.path.relpath(reader.path, storage_path)) if not storage.is_s3(cfg.output.uri) \
-                else "s3://" + reader.path
-            if "eval.json" in reader.names():
-                from synray.evaluation.evaluate import format_table
-
-                verification = json.loads(reader.read_bytes("eval.json"))
-                table = format_table(verification)
-                tracker.log_text(table, "verification.txt")
-                tracker.log_metrics({f"final/{k}/accuracy": v["accuracy"] for k, v in verification.items()})
-            final = storage.join(run_uri, "final")
-            storage.write_bytes_atomic(storage.join(final, "backbone.pt"), reader.read_bytes("backbone.pt"))
-            storage.write_bytes_atomic(storage.join(final, "model.pt"), export_final(cfg, reader.read_bytes("backbone.pt")))
-        summary = {"metrics": metrics, "checkpoint": ckpt_uri, "verification": verification, "plan": plan_dict}
-        storage.write_bytes_atomic(storage.join(run_uri, "final", "summary.json"),
-                                   json.dumps(summary, indent=2, default=str).encode())
-        if table and not quiet:
-            print(table)
-    return TrainOutcome(metrics, ckpt_uri, run_uri, verification, table, plan_dict)
+    ctx.tracker.log_params({"plan.num_classes": plan.num_classes, "plan.train_rows": plan.train_rows})
+    result = fit(train_loop, cfg, name=cfg.name, output_uri=cfg.output.uri, scaling=cfg.scaling,
+                 checkpoint=cfg.checkpoint, extra={"plan": plan.to_dict()},
+                 datasets=build_datasets(cfg, plan, train, real), callbacks=ctx.callbacks, tracker=ctx.tracker,
+                 job="train", quiet=ctx.quiet)
+    outcome = Outcome("train", run_uri, result.metrics, checkpoint_uri=result.checkpoint_uri,
+                      extra={"plan": plan.to_dict()})
+    reader = result.checkpoint
+    if reader is not None:
+        if "eval.json" in reader.names():
+            outcome.set_verification(json.loads(reader.read_bytes("eval.json")), ctx.tracker)
+        final = storage.join(run_uri, "final")
+        backbone = reader.read_bytes("backbone.pt")
+        storage.write_bytes_atomic(storage.join(final, "backbone.pt"), backbone)
+        outcome.model_uri = storage.join(final, "model.pt")
+        storage.write_bytes_atomic(outcome.model_uri, export_final(cfg, backbone))
+    outcome.write_summary(storage.join(run_uri, "final", "summary.json"))
+    return outcome

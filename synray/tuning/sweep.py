@@ -3,8 +3,9 @@
 * The target job's YAML (``base`` + ``overrides``) is validated with every grid value and both ends of
   every range before Ray starts.
 * Each trial is a Tune function trainable that runs the job's loop in its own process
-  (:func:`synray.distill.loop.distill_loop`, :func:`synray.training.ldm.ldm_loop`), reporting after
-  every epoch / checkpoint with a Tune checkpoint, so a trial resumes where it stopped. For LDM sweeps
+  (:func:`synray.distill.loop.distill_loop`, :func:`synray.training.ldm.ldm_loop`) with the runner's
+  Tune hooks (:func:`synray.training.runner.tune_hooks`), reporting after every epoch / checkpoint
+  with a Tune checkpoint, so a trial resumes where it stopped. For LDM sweeps
   the encoding pre-stage runs once before the trials and the objective
   (:mod:`synray.tuning.objectives`) is scored at every checkpoint.
 * MLflow: the sweep is a parent run (params = the resolved sweep config); Ray's ``MLflowLoggerCallback``
@@ -20,16 +21,21 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-from synray.config.base import ConfigError, _set_dotted, apply_overrides, read_yaml, validate
+from synray.config.base import ConfigError, apply_overrides, read_yaml, set_dotted, validate
 from synray.config.sweep import SweepConfig
 from synray.io import storage
+from synray.jobs import JobContext, Need, Outcome
+from synray.tracking import PARENT_TAG, Tracker, close_orphans, ensure_experiment, job_run, numeric_metrics, resolve_tracking_uri
+from synray.training.runner import Callback, tune_hooks
 
-__all__ = ["SweepOutcome", "load_target", "trial_config", "param_space", "run_sweep", "distill_trainable",
+__all__ = ["SweepOutcome", "load_target", "trial_config", "param_space", "check", "needs", "run", "distill_trainable",
            "ldm_trainable", "PARENT_FILE"]
 
 PARENT_FILE = "synray_parent_run.json"
@@ -59,7 +65,7 @@ def load_target(cfg: SweepConfig) -> dict[str, Any]:
         for value in dim.probe_values():
             trial = copy.deepcopy(base)
             try:
-                _set_dotted(trial, key, value)
+                set_dotted(trial, key, value)
             except ConfigError as exc:
                 raise ConfigError(f"space.{key}: {exc}") from None
             validate(schema, trial, f"{cfg.base} with {key}={value!r}")
@@ -70,7 +76,7 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], target: str):
     """The validated job config of one trial."""
     data = copy.deepcopy(base)
     for key, value in params.items():
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     return _schema(target).model_validate(data)
 
 
@@ -86,58 +92,18 @@ def param_space(cfg: SweepConfig) -> dict[str, Any]:
 # trainables (run inside Tune trial processes)
 
 
-def _fault(fault: dict[str, Any] | None) -> int | None:
-    """Reports after which this trial fails (tests), claiming the marker so only one trial fails."""
-    if not fault or fault.get("after_reports") is None:
-        return None
-    marker = fault["marker"]
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return None
-    os.close(fd)
-    return int(fault["after_reports"])
-
-
-def _reporter():
-    from ray import tune
-
-    def report(metrics: dict, directory: str | None) -> None:
-        tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(directory) if directory else None)
-
-    return report
-
-
-def _run_with_checkpoint(run) -> None:
-    from ray import tune
-
-    ckpt = tune.get_checkpoint()
-    if ckpt is None:
-        run(None)
-        return
-    with ckpt.as_directory() as directory:
-        run(directory)
-
-
-def distill_trainable(config: dict, *, base: dict, cwd: str, threads: int = 1, fault: dict | None = None) -> None:
+def distill_trainable(config: dict, *, base: dict, threads: int = 1, callbacks: tuple[Callback, ...] = ()) -> None:
     """One distillation trial: the whole loop in this process (one worker), one report per epoch."""
     import torch
 
-    from synray.distill.loop import LoopHooks, distill_loop
+    from synray.distill.loop import distill_loop
 
-    os.chdir(cwd)  # Tune starts trials in their own folder; the job's relative paths are the user's
     torch.set_num_threads(threads)
-    cfg = trial_config(base, config, "distill")
-    stop = _fault(fault)
-
-    def run(directory: str | None) -> None:
-        distill_loop(cfg, LoopHooks(report=_reporter(), restore_dir=directory, stop_after_epoch=stop))
-
-    _run_with_checkpoint(run)
+    distill_loop(trial_config(base, config, "distill"), tune_hooks(callbacks))
 
 
-def ldm_trainable(config: dict, *, base: dict, cwd: str, latents: dict, objective: dict, threads: int = 1,
-                  fault: dict | None = None) -> None:
+def ldm_trainable(config: dict, *, base: dict, latents: dict, objective: dict, threads: int = 1,
+                  callbacks: tuple[Callback, ...] = ()) -> None:
     """One LDM trial: training on the pre-encoded latents in this process, the objective at every checkpoint."""
     import torch
 
@@ -146,7 +112,6 @@ def ldm_trainable(config: dict, *, base: dict, cwd: str, latents: dict, objectiv
     from synray.training.ldm import DECODER_FILE, LatentsInfo, LDMHooks, LocalLatents, _load_stage, ldm_loop
     from synray.tuning.objectives import ldm_objective, training_contexts
 
-    os.chdir(cwd)
     torch.set_num_threads(threads)
     cfg = trial_config(base, config, "train_ldm")
     cfg.training.log_every = cfg.training.checkpoint_every  # Tune needs the metric in every report
@@ -176,16 +141,25 @@ def ldm_trainable(config: dict, *, base: dict, cwd: str, latents: dict, objectiv
 
 
 @dataclass
-class SweepOutcome:
-    best_params: dict[str, Any] | None
-    best_metric: float | None
-    best_config: str | None  # the full job config of the best trial (YAML)
-    metric: str
-    parent_run_id: str | None
-    restored: bool
+class SweepOutcome(Outcome):
+    """A sweep's :class:`Outcome` plus what Tune found (``ok`` is False when trials errored)."""
+
+    best_params: dict[str, Any] | None = None
+    best_metric: float | None = None
+    best_config: str | None = None  # the full job config of the best trial (YAML)
+    metric: str = ""
+    parent_run_id: str | None = None
+    restored: bool = False
     trials: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    path: str = ""
+
+    def console(self) -> str:
+        lines = [f"[synray sweep] {len(self.trials)} trials ({len(self.errors)} errored)"
+                 f"{' (restored)' if self.restored else ''}"]
+        if self.best_params is not None:
+            lines.append(f"[synray sweep] best {self.metric} = {self.best_metric:.6g} with {json.dumps(self.best_params)}")
+        lines += [f"[synray sweep] errored trial {e} (re-run the sweep to resume it)" for e in self.errors]
+        return "\n".join(lines + ([self.best_config] if self.best_config else []))
 
 
 def _max_reports(cfg: SweepConfig, base: dict[str, Any]) -> int:
@@ -195,136 +169,127 @@ def _max_reports(cfg: SweepConfig, base: dict[str, Any]) -> int:
     return -(-int(t["steps"]) // int(t["checkpoint_every"]))
 
 
-def _parent_run(cfg: SweepConfig, exp_uri: str, workdir: str | None):
-    """A context manager yielding the sweep's parent Tracker: reopened on resume, new otherwise."""
-    from contextlib import contextmanager
-
-    from synray.tracking import Tracker, ensure_experiment, job_run, resolve_tracking_uri
-
+@contextmanager
+def tracking_run(cfg: SweepConfig) -> Iterator[Tracker]:
+    """The sweep's parent MLflow run: reopened when the sweep resumes, new otherwise."""
+    exp_uri = storage.join(cfg.output.uri, cfg.name)
     marker = storage.join(exp_uri, PARENT_FILE)
+    if not cfg.tracking.enabled:
+        yield Tracker(None)
+        return
+    uri = resolve_tracking_uri(cfg.tracking)
+    if storage.exists(marker):
+        import mlflow
 
-    @contextmanager
-    def ctx():
-        if not cfg.tracking.enabled:
-            yield Tracker(None)
-            return
-        uri = resolve_tracking_uri(cfg.tracking, workdir)
-        if storage.exists(marker):
-            import mlflow
-
-            run_id = json.loads(storage.read_bytes(marker))["run_id"]
-            exp_id = ensure_experiment(uri, cfg.tracking.experiment)
-            with mlflow.start_run(run_id=run_id, experiment_id=exp_id) as run:
-                yield Tracker(run)
-            return
-        with job_run(cfg, "sweep", workdir=workdir, tags={"synray.sweep": cfg.name}) as tracker:
-            storage.write_bytes_atomic(marker, json.dumps({"run_id": tracker.run_id, "tracking_uri": uri}).encode())
-            yield tracker
-
-    return ctx()
+        run_id = json.loads(storage.read_bytes(marker))["run_id"]
+        exp_id = ensure_experiment(uri, cfg.tracking.experiment)
+        with mlflow.start_run(run_id=run_id, experiment_id=exp_id) as run:
+            yield Tracker(run, uri)
+        return
+    with job_run(cfg, "sweep", tags={"synray.sweep": cfg.name}) as tracker:
+        storage.write_bytes_atomic(marker, json.dumps({"run_id": tracker.run_id, "tracking_uri": uri}).encode())
+        yield tracker
 
 
-def run_sweep(cfg: SweepConfig, workdir: str | None = None) -> SweepOutcome:
-    """Run (or resume) the sweep; prints and logs the best configuration."""
+def check(cfg: SweepConfig) -> None:
+    """The target config with every searched value, and the target job's own checks, before Ray starts."""
+    base = load_target(cfg)
+    target = trial_config(base, {}, cfg.target)
+    if cfg.target == "distill":
+        from synray.distill.loop import check as check_distill
+
+        check_distill(target)
+    elif not (cfg.objective.embedder or target.contexts.embedder):
+        raise ConfigError("objective.embedder is required when the LDM contexts come from a file")
+
+
+def needs(cfg: SweepConfig) -> list[Need]:
+    out = [Need(f"{cfg.max_concurrent_trials} trial(s)", "trial_resources, max_concurrent_trials",
+                {"CPU": cfg.trial_resources.cpu, **({"GPU": cfg.trial_resources.gpu} if cfg.trial_resources.gpu else {})})]
+    return out
+
+
+def run(cfg: SweepConfig, ctx: JobContext) -> SweepOutcome:
+    """Run (or resume) the sweep; logs the best configuration to the parent run and beside the trials."""
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from synray.runtime import init_ray, is_quiet
-    from synray.tracking import resolve_tracking_uri
-    from synray.tuning.tracking import PARENT_TAG, close_orphans, numeric_metrics
-
     base = load_target(cfg)
     metric, mode = cfg.resolved_metric, cfg.mode
-    cwd = os.path.abspath(workdir or os.getcwd())
     threads = max(1, int(cfg.trial_resources.cpu))
-    fault = cfg.fault_injection.model_dump() if cfg.fault_injection.after_reports else None
-    target_cfg = trial_config(base, {}, cfg.target)
-    init_ray(cfg.ray)
+    callbacks = tuple(ctx.callbacks)
     if cfg.target == "distill":
-        from synray.distill.loop import check_distill_config
-
-        check_distill_config(target_cfg)
-        trainable = tune.with_parameters(distill_trainable, base=base, cwd=cwd, threads=threads, fault=fault)
+        trainable = tune.with_parameters(distill_trainable, base=base, threads=threads, callbacks=callbacks)
     else:
         from synray.training.ldm import prepare_latents
 
-        info = prepare_latents(target_cfg)  # once, before the trials (CPD does not change the latents)
-        objective = cfg.objective.model_dump(mode="json")
-        if not (cfg.objective.embedder or target_cfg.contexts.embedder):
-            raise ConfigError("objective.embedder is required when the LDM contexts come from a file")
-        trainable = tune.with_parameters(ldm_trainable, base=base, cwd=cwd, latents=info.to_dict(),
-                                         objective=objective, threads=threads, fault=fault)
+        info = prepare_latents(trial_config(base, {}, cfg.target))  # once: CPD does not change the latents
+        trainable = tune.with_parameters(ldm_trainable, base=base, latents=info.to_dict(),
+                                         objective=cfg.objective.model_dump(mode="json"), threads=threads,
+                                         callbacks=callbacks)
     trainable = tune.with_resources(trainable, {"cpu": cfg.trial_resources.cpu, "gpu": cfg.trial_resources.gpu})
 
+    tracker = ctx.tracker
     exp_uri = storage.join(cfg.output.uri, cfg.name)
     loc, exp_loc = storage.resolve(cfg.output.uri), storage.resolve(exp_uri)
     restored = bool(cfg.resume) and tune.Tuner.can_restore(exp_loc.path, storage_filesystem=exp_loc.fs)
-    with _parent_run(cfg, exp_uri, workdir) as tracker:
-        uri = resolve_tracking_uri(cfg.tracking, workdir)
-        if restored and tracker.run_id:
-            close_orphans(uri, cfg.tracking.experiment, tracker.run_id)
-        if restored:
-            tuner = tune.Tuner.restore(exp_loc.path, trainable, resume_unfinished=True, resume_errored=True,
-                                       storage_filesystem=exp_loc.fs)
-        else:
-            callbacks = []
-            if tracker.run_id:
-                callbacks.append(MLflowLoggerCallback(
-                    tracking_uri=uri, experiment_name=cfg.tracking.experiment, save_artifact=False,
-                    tags={PARENT_TAG: tracker.run_id, "synray.sweep": cfg.name, "synray.job": cfg.target}))
-            s = cfg.scheduler
-            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=s.max_t or _max_reports(cfg, base),
-                                      grace_period=s.grace_period, reduction_factor=s.reduction_factor) \
-                if s.name == "asha" else FIFOScheduler()
-            tuner = tune.Tuner(
-                trainable, param_space=param_space(cfg),
-                tune_config=tune.TuneConfig(
-                    metric=metric, mode=mode, scheduler=scheduler, num_samples=cfg.search.num_samples,
-                    reuse_actors=True,
-                    search_alg=BasicVariantGenerator(max_concurrent=cfg.max_concurrent_trials,
-                                                     random_state=cfg.search.seed)),
-                run_config=tune.RunConfig(
-                    name=cfg.name, storage_path=loc.path, storage_filesystem=loc.fs, callbacks=callbacks, verbose=0,
-                    failure_config=tune.FailureConfig(max_failures=cfg.trial_max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.num_to_keep)),
-            )
-        results = tuner.fit()
+    if restored and tracker.run_id:
+        close_orphans(tracker.uri, cfg.tracking.experiment, tracker.run_id)
+    if restored:
+        tuner = tune.Tuner.restore(exp_loc.path, trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=exp_loc.fs)
+    else:
+        loggers = []
+        if tracker.run_id:
+            loggers.append(MLflowLoggerCallback(
+                tracking_uri=tracker.uri, experiment_name=cfg.tracking.experiment, save_artifact=False,
+                tags={PARENT_TAG: tracker.run_id, "synray.sweep": cfg.name, "synray.job": cfg.target}))
+        s = cfg.scheduler
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=s.max_t or _max_reports(cfg, base),
+                                  grace_period=s.grace_period, reduction_factor=s.reduction_factor) \
+            if s.name == "asha" else FIFOScheduler()
+        tuner = tune.Tuner(
+            trainable, param_space=param_space(cfg),
+            tune_config=tune.TuneConfig(
+                metric=metric, mode=mode, scheduler=scheduler, num_samples=cfg.search.num_samples,
+                reuse_actors=True,
+                search_alg=BasicVariantGenerator(max_concurrent=cfg.max_concurrent_trials,
+                                                 random_state=cfg.search.seed)),
+            run_config=tune.RunConfig(
+                name=cfg.name, storage_path=loc.path, storage_filesystem=loc.fs, callbacks=loggers, verbose=0,
+                failure_config=tune.FailureConfig(max_failures=cfg.trial_max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.num_to_keep)),
+        )
+    results = tuner.fit()
 
-        trials, errors = [], []
-        for r in results:
-            params = {k: r.config.get(k) for k in cfg.space}
-            trials.append({"params": params, "metrics": numeric_metrics(r.metrics or {}),
-                           "error": None if r.error is None else str(r.error).splitlines()[0][:300],
-                           "path": r.path})
-            if r.error is not None:
-                errors.append(f"{params}: {str(r.error).splitlines()[0][:300]}")
-        best_params = best_metric = best_yaml = None
-        try:
-            best = results.get_best_result(metric=metric, mode=mode, scope="last")
-        except RuntimeError:
-            best = None
-        if best is not None and best.metrics and metric in best.metrics:
-            best_params = {k: best.config.get(k) for k in cfg.space}
-            best_metric = float(best.metrics[metric])
-            best_yaml = yaml.safe_dump(trial_config(base, best_params, cfg.target).model_dump(mode="json"), sort_keys=False)
-            # tags, not params: a resumed sweep may find another best, and MLflow params are write-once
-            tracker.set_tags({**{f"best.{k}": json.dumps(v) for k, v in best_params.items()},
-                              "synray.best_trial": os.path.basename(best.path or "")})
-            tracker.log_metrics({f"best/{metric}": best_metric})
-            tracker.log_text(best_yaml, "best_config.yaml")
-            storage.write_bytes_atomic(storage.join(exp_uri, "best_config.yaml"), best_yaml.encode())
-        tracker.log_metrics({"trials": len(trials), "trials_errored": len(errors)})
-        outcome = SweepOutcome(best_params, best_metric, best_yaml, metric, tracker.run_id, restored, trials, errors, exp_uri)
-        storage.write_bytes_atomic(storage.join(exp_uri, "sweep_summary.json"),
-                                   json.dumps(outcome.__dict__, indent=2, default=str).encode())
-    lines = [f"[synray sweep] {cfg.name}: {len(trials)} trials ({len(errors)} errored){' (restored)' if restored else ''}"]
-    if best_params is not None:
-        lines.append(f"[synray sweep] best {metric} = {best_metric:.6g} with {json.dumps(best_params)}")
-    for e in errors:
-        lines.append(f"[synray sweep] errored trial {e} (re-run the sweep to resume it)")
-    print("\n".join(lines), flush=True)
-    if not is_quiet(cfg.ray) and best_yaml:
-        print(best_yaml)
+    trials, errors = [], []
+    for r in results:
+        params = {k: r.config.get(k) for k in cfg.space}
+        trials.append({"params": params, "metrics": numeric_metrics(r.metrics or {}),
+                       "error": None if r.error is None else str(r.error).splitlines()[0][:300],
+                       "path": r.path})
+        if r.error is not None:
+            errors.append(f"{params}: {str(r.error).splitlines()[0][:300]}")
+    outcome = SweepOutcome("sweep", exp_uri, {"trials": len(trials), "trials_errored": len(errors)}, metric=metric,
+                           parent_run_id=tracker.run_id, restored=restored, trials=trials, errors=errors,
+                           ok=not errors)
+    try:
+        best = results.get_best_result(metric=metric, mode=mode, scope="last")
+    except RuntimeError:
+        best = None
+    if best is not None and best.metrics and metric in best.metrics:
+        outcome.best_params = {k: best.config.get(k) for k in cfg.space}
+        outcome.best_metric = float(best.metrics[metric])
+        outcome.best_config = yaml.safe_dump(trial_config(base, outcome.best_params, cfg.target).model_dump(mode="json"),
+                                             sort_keys=False)
+        # tags, not params: a resumed sweep may find another best, and MLflow params are write-once
+        tracker.set_tags({**{f"best.{k}": json.dumps(v) for k, v in outcome.best_params.items()},
+                          "synray.best_trial": os.path.basename(best.path or "")})
+        tracker.log_metrics({f"best/{metric}": outcome.best_metric})
+        tracker.log_text(outcome.best_config, "best_config.yaml")
+        storage.write_bytes_atomic(storage.join(exp_uri, "best_config.yaml"), outcome.best_config.encode())
+    tracker.log_metrics(outcome.metrics)
+    outcome.write_summary(storage.join(exp_uri, "sweep_summary.json"))
     return outcome

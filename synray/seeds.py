@@ -23,6 +23,11 @@ def sample_seed(run_seed: int, identity: int, sample: int) -> int:
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
 
 
+def derive(*parts: int) -> int:
+    """A 62-bit seed for a stream keyed by integers (run seed, step, rank, ...), for torch and numpy alike."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] & ((1 << 62) - 1))
+
+
 def torch_generator(seed: int) -> torch.Generator:
     g = torch.Generator(device="cpu")
     g.manual_seed(int(seed))

@@ -1,0 +1,179 @@
+"""One Ray Train runner for every training job (recognition, distillation, LDM).
+
+A job's loop is a plain function ``loop(cfg, hooks, **extra) -> metrics``. Called directly it trains in
+one process (the unit tests do that); under Ray Train every rank calls it with :class:`Hooks` built
+from its train context; a Tune trial builds them from the trial's context (:func:`tune_hooks`). The
+loop reports metrics and, where it has one, a checkpoint folder through ``hooks.report``, and restores
+from ``hooks.restore`` (a :class:`CheckpointReader`: single files are read without downloading the whole
+checkpoint, which matters for class-centre shards).
+
+:func:`fit` is the only place a ``TorchTrainer`` is built: elastic or fixed scaling with custom resources,
+failure retries, checkpoints on the job's storage through atomic uploads (:func:`run_storage`), and the
+job's MLflow run fed from the controller.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+from torch import nn
+
+from synray.config.run import CheckpointConfig, ScalingConfig
+from synray.io import storage
+from synray.training.checkpointing import CheckpointReader, run_storage
+
+__all__ = ["Callback", "Hooks", "TrainResult", "fit", "tune_hooks", "local_hooks"]
+
+
+class Callback:
+    """Watches a loop on every rank: subclasses override what they need (tests inject faults here)."""
+
+    def after_step(self, hooks: Hooks, step: int) -> None:
+        """After optimiser step ``step`` (counted from 1) finished on this rank."""
+
+    def after_report(self, hooks: Hooks, metrics: Mapping[str, Any], checkpointed: bool) -> None:
+        """After this rank reported ``metrics`` (with a checkpoint when ``checkpointed``)."""
+
+
+@dataclass
+class Hooks:
+    """All a training loop knows of what runs it."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: str | torch.device = "cpu"
+    wrap: Callable[[nn.Module], nn.Module] | None = None  # DDP on more than one rank
+    send: Callable[[dict[str, Any], str | None], None] | None = None  # (metrics, checkpoint folder or None)
+    restore: CheckpointReader | None = None  # the checkpoint to resume from
+    datasets: Mapping[str, Any] = field(default_factory=dict)  # Ray Data shards of this rank, by name
+    callbacks: Sequence[Callback] = ()
+    quiet: bool = False
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        """Report metrics (every rank calls this at the same points); rank 0 passes the checkpoint folder."""
+        if self.send is not None:
+            self.send(metrics, checkpoint_dir)
+        for cb in self.callbacks:
+            cb.after_report(self, metrics, checkpoint_dir is not None)
+
+    def step_done(self, step: int) -> None:
+        for cb in self.callbacks:
+            cb.after_step(self, step)
+
+    def log(self, message: str) -> None:
+        """A progress line from rank 0 (silent when quiet)."""
+        if self.rank == 0 and not self.quiet:
+            print(message, flush=True)
+
+
+def local_hooks(restore_dir: str | None = None, **kwargs: Any) -> Hooks:
+    """Hooks for a loop run in this process, resuming from a local checkpoint folder if given."""
+    return Hooks(restore=CheckpointReader.from_uri(restore_dir) if restore_dir else None, **kwargs)
+
+
+def _checkpoint_name(metrics: Mapping[str, Any]) -> str:
+    return f"checkpoint_{int(metrics['step']):09d}"
+
+
+def _worker(config: dict[str, Any]) -> None:
+    """The function every Ray Train rank runs: hooks from the train context, then the job's loop."""
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    ddp = config["ddp"]
+
+    def send(metrics: dict[str, Any], directory: str | None) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(directory) if directory else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=_checkpoint_name(metrics))
+
+    ckpt = ray.train.get_checkpoint()
+    hooks = Hooks(
+        rank=rank, world_size=world, device=ray.train.torch.get_device(),
+        wrap=(lambda m: ray.train.torch.prepare_model(m, move_to_device=False, parallel_strategy_kwargs=ddp))
+        if world > 1 else None,
+        send=send, restore=CheckpointReader.from_checkpoint(ckpt) if ckpt is not None else None,
+        datasets={name: ray.train.get_dataset_shard(name) for name in config["datasets"]},
+        callbacks=config["callbacks"], quiet=config["quiet"],
+    )
+    config["loop"](config["cfg"], hooks, **config["extra"])
+
+
+def tune_hooks(callbacks: Sequence[Callback] = (), quiet: bool = True) -> Hooks:
+    """Hooks for a loop run inside a Tune trial (one process): reports and checkpoints go to Tune."""
+    from ray import tune
+
+    def send(metrics: dict[str, Any], directory: str | None) -> None:
+        tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(directory) if directory else None)
+
+    ckpt = tune.get_checkpoint()
+    return Hooks(send=send, restore=CheckpointReader.from_checkpoint(ckpt) if ckpt is not None else None,
+                 callbacks=callbacks, quiet=quiet)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` leaves: the last reported metrics and the last checkpoint (None if none was reported)."""
+
+    metrics: dict[str, Any]
+    checkpoint: CheckpointReader | None
+    checkpoint_uri: str | None
+
+
+def fit(
+    loop: Callable[..., Any],
+    cfg: Any,
+    *,
+    name: str,
+    output_uri: str,
+    scaling: ScalingConfig,
+    checkpoint: CheckpointConfig,
+    extra: Mapping[str, Any] | None = None,
+    datasets: Mapping[str, Any] | None = None,
+    callbacks: Sequence[Callback] = (),
+    tracker: Any = None,
+    job: str = "train",
+    quiet: bool = False,
+    find_unused_parameters: bool = False,
+) -> TrainResult:
+    """Run ``loop`` on Ray Train; a re-run with the same ``output_uri`` and ``name`` resumes from its last checkpoint."""
+    from synray.tracking import TrainMetricsToMLflow
+
+    storage_path, fs = run_storage(output_uri)
+    train_callbacks = []
+    if tracker is not None and tracker.run_id is not None:
+        train_callbacks.append(TrainMetricsToMLflow(tracker.uri, tracker.run_id, job))
+    workers = tuple(scaling.num_workers) if isinstance(scaling.num_workers, tuple) else scaling.num_workers
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={
+            "loop": loop, "cfg": cfg, "extra": dict(extra or {}), "datasets": sorted(datasets or {}),
+            "callbacks": list(callbacks), "quiet": quiet,
+            "threads": scaling.torch_threads or max(1, int(scaling.cpus_per_worker)),
+            "ddp": {"find_unused_parameters": find_unused_parameters},
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=scaling.use_gpu,
+                                               resources_per_worker={"CPU": scaling.cpus_per_worker, **scaling.resources}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=checkpoint.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=checkpoint.num_to_keep),
+            callbacks=train_callbacks,
+        ),
+        datasets=dict(datasets or {}),
+        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+    )
+    result = trainer.fit()
+    reader = uri = None
+    if result.checkpoint is not None:
+        reader = CheckpointReader.from_checkpoint(result.checkpoint)
+        uri = ("s3://" + reader.path) if storage.is_s3(output_uri) \
+            else storage.join(output_uri, os.path.relpath(reader.path, storage_path))
+    return TrainResult(dict(result.metrics or {}), reader, uri)
