@@ -81,7 +81,7 @@ def train_student(cfg: QuickstartConfig, name: str, data: str, bins: str, tracki
 def build_assets(cfg: QuickstartConfig, real_uri: str, bins: str, dest: str, tracking: list[str]) -> dict[str, Any]:
     """Train the world teacher (``synray train``) and the LDM (``synray train-ldm``) and copy them to ``dest``."""
     from synray.io import storage
-    from synray.training.ldm import run_train_ldm
+    from synray.ldm.job import run_train_ldm
     from synray.training.recognition import run_training
 
     work = os.path.join(cfg.output, "assets-build")

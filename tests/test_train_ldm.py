@@ -12,10 +12,10 @@ import torch
 
 from synray.config import ConfigError, load_config
 from synray.config.ldm import LDMConfig
-from synray.training.ldm import (
-    DECODER_FILE, EMA_FILE, MODEL_FILE, LDMDataError, LDMHooks, fit_first_stage, ldm_loop, list_images,
-    LocalLatents, load_context_file, prepare_latents, unet_config,
-)
+from synray.ldm.data import LDMDataError, list_images, load_context_file
+from synray.ldm.encode import prepare_latents
+from synray.ldm.first_stage import DECODER_FILE, fit_first_stage
+from synray.ldm.learner import EMA_FILE, MODEL_FILE, LDMHooks, LocalLatents, ldm_loop, unet_config
 
 ROOT = Path(__file__).resolve().parents[1]
 UNET = {"initial_channels": 32, "channel_multipliers": [1, 2], "is_attention": [False, True],
@@ -109,7 +109,7 @@ def test_config_errors_name_the_key(faces, tmp_path, world_teacher):
 
 def test_fitted_first_stage_reconstructs_and_quantises(faces):
     from synray.models.vq import VQConfig
-    from synray.training.ldm import load_images
+    from synray.ldm.data import load_images
 
     cfg = ldm_cfg(faces, "x", contexts={"source": "file", "path": "c.npy"})
     items = list_images(cfg)

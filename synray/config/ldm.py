@@ -9,11 +9,18 @@ UIFace is ``unet.flavour: uiface`` (learnable empty context, ``unconditioned_pro
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import dataclasses
+import re
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
 from synray.config.base import CheckpointConfig, OutputConfig, RayConfig, StrictModel, TrackingConfig, WorkersConfig
+
+if TYPE_CHECKING:
+    from synray.models.unet import UNetConfig
+    from synray.models.vq import VQConfig
+
 
 
 class LDMDataConfig(StrictModel):
@@ -79,6 +86,19 @@ class LDMVQConfig(StrictModel):
             raise ValueError("vq.fit.steps must be 0 when vq.encoder/vq.decoder are given")
         return self
 
+    def vq_config(self) -> VQConfig:
+        """The first stage's VQConfig: ``config`` (default: the published VQ-f4), with ``fit.n_embed`` entries
+        when fitting and ``config`` leaves the codebook size open."""
+        from synray.models.vq import VQConfig  # torch
+
+        base = dict(self.config or {})
+        if self.fit.steps and "n_embed" not in base:
+            base["n_embed"] = self.fit.n_embed
+        return VQConfig.from_dict(base, key="vq.config")
+
+
+_UNET_FLAGS = frozenset({"context_dropout", "unconditioned_probability", "learn_empty_context"})  # set by flavour/CPD
+
 
 class LDMUNetConfig(StrictModel):
     """The denoiser: a published flavour plus CPD / UIFace settings and architecture overrides."""
@@ -92,10 +112,46 @@ class LDMUNetConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> LDMUNetConfig:
-        reserved = {"context_dropout", "unconditioned_probability", "learn_empty_context"} & set(self.architecture)
+        reserved = _UNET_FLAGS & set(self.architecture)
         if reserved:
             raise ValueError(f"unet.architecture must not set {sorted(reserved)}; use unet.flavour / unet.context_dropout")
         return self
+
+    def unet_config(self, context_dim: int) -> UNetConfig:
+        """The UNetConfig: the flavour's flags, CPD, the architecture overrides and ``context_dim`` as the
+        context width unless ``architecture.context_input_channels`` sets it. A bad entry is a ValueError
+        naming ``unet.architecture.<key>``."""
+        from synray.models.unet import FLAVOURS, UNetConfig  # torch
+
+        flags = dict(FLAVOURS[self.flavour])
+        flags["context_dropout"] = self.context_dropout
+        if self.unconditioned_probability is not None:
+            flags["unconditioned_probability"] = self.unconditioned_probability
+        return _build(UNetConfig, {"context_input_channels": context_dim, **self.architecture, **flags},
+                      "unet.architecture", hidden=_UNET_FLAGS)
+
+
+def _build(cls: type, values: dict[str, Any], key: str, hidden: frozenset[str] = frozenset()) -> Any:
+    """``cls(**values)`` for a config dataclass, with every bad entry reported as ``<key>.<field>: ...``
+    (``hidden``: fields set elsewhere, not listed as valid keys)."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        valid = ", ".join(k for k in known if k not in hidden)
+        raise ValueError("; ".join(f"{key}.{k}: unknown key (valid: {valid})" for k in unknown))
+    try:
+        return TypeAdapter(cls).validate_python(values)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            field, msg = ".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, ")
+            named = re.match(rf"{cls.__name__}\.(\w+) ", msg)  # __post_init__ names the field it rejects
+            if field:
+                msg += f" (got {e['input']!r})"
+            elif named:
+                field, msg = named.group(1), msg[named.end():]
+            problems.append(f"{key}.{field}: {msg}" if field else f"{key}: {msg}")
+        raise ValueError("; ".join(problems)) from None
 
 
 class EMAConfig(StrictModel):

@@ -15,11 +15,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def train_ldm(config: str, overrides: list[str] | None = None, quiet: bool = False):
-    """Load and validate the config, encode and train; returns the :class:`~synray.training.ldm.LDMOutcome`."""
+    """Load and validate the config, encode and train; returns the :class:`~synray.ldm.job.LDMOutcome`."""
     from synray.config import ConfigError
     from synray.config.jobs import load_job_config
     from synray.runtime import init_ray
-    from synray.training.ldm import LDMDataError, list_images, run_train_ldm
+    from synray.ldm.data import LDMDataError, list_images
+    from synray.ldm.job import run_train_ldm
 
     overrides = list(overrides or [])
     if quiet:

@@ -21,7 +21,7 @@ def sweep(config: str, overrides: list[str] | None = None, quiet: bool = False):
     from synray.distill.generators import GeneratorError
     from synray.distill.teachers import TeacherError
     from synray.runtime import init_ray
-    from synray.training.ldm import LDMDataError
+    from synray.ldm.data import LDMDataError
     from synray.tuning.sweep import load_target, run_sweep
 
     overrides = list(overrides or [])

@@ -3,7 +3,7 @@
 * The target job's YAML (``base`` + ``overrides``) is validated with every grid value and both ends of
   every range before Ray starts.
 * Each trial is a Tune function trainable that runs the job's loop in its own process
-  (:func:`synray.distill.loop.distill_loop`, :func:`synray.training.ldm.ldm_loop`), reporting after
+  (:func:`synray.distill.loop.distill_loop`, :func:`synray.ldm.learner.ldm_loop`), reporting after
   every epoch / checkpoint with a Tune checkpoint, so a trial resumes where it stopped. For LDM sweeps
   the encoding pre-stage runs once before the trials and the objective
   (:mod:`synray.tuning.objectives`) is scored at every checkpoint.
@@ -143,7 +143,9 @@ def ldm_trainable(config: dict, *, base: dict, cwd: str, latents: dict, objectiv
 
     from synray.config.sweep import ObjectiveConfig
     from synray.models.export import load_any_backbone
-    from synray.training.ldm import DECODER_FILE, LatentsInfo, LDMHooks, LocalLatents, _load_stage, ldm_loop
+    from synray.ldm.encode import LatentsInfo
+    from synray.ldm.first_stage import DECODER_FILE, load_stage
+    from synray.ldm.learner import LDMHooks, LocalLatents, ldm_loop
     from synray.tuning.objectives import ldm_objective, training_contexts
 
     os.chdir(cwd)
@@ -153,7 +155,7 @@ def ldm_trainable(config: dict, *, base: dict, cwd: str, latents: dict, objectiv
     info = LatentsInfo.from_dict(latents)
     obj = ObjectiveConfig.model_validate(objective)
     embedder = load_any_backbone(obj.embedder or cfg.contexts.embedder).eval()
-    decoder = _load_stage(info.first_stage, DECODER_FILE, info.vq_config)
+    decoder = load_stage(info.first_stage, DECODER_FILE, info.vq_config)
     contexts = training_contexts(info, obj.identities)
     stop = _fault(fault)
     stop_step = stop * cfg.training.checkpoint_every if stop else None
@@ -248,7 +250,7 @@ def run_sweep(cfg: SweepConfig, workdir: str | None = None) -> SweepOutcome:
         check_distill_config(target_cfg)
         trainable = tune.with_parameters(distill_trainable, base=base, cwd=cwd, threads=threads, fault=fault)
     else:
-        from synray.training.ldm import prepare_latents
+        from synray.ldm.encode import prepare_latents
 
         info = prepare_latents(target_cfg)  # once, before the trials (CPD does not change the latents)
         objective = cfg.objective.model_dump(mode="json")
