@@ -107,6 +107,39 @@ def test_config_errors_name_the_key(faces, tmp_path, world_teacher):
     assert uc.context_dropout == 0.5 and uc.learn_empty_context and uc.unconditioned_probability == 0.2
 
 
+@pytest.mark.parametrize("override, message", [
+    ("unet.architecture.channel_multipliers=[1, 0]", "unet.architecture.channel_multipliers: must be positive integers"),
+    ("unet.architecture.channel_multipliers=[a, 2]", "unet.architecture.channel_multipliers.0: Input should be a valid integer"),
+    ("unet.architecture.initial_chanels=32", "unet.architecture.initial_chanels: unknown key"),
+    ("unet.architecture.is_attention=[true]", "unet.architecture.is_attention: has 1 entries but channel_multipliers has 2"),
+    ("unet.architecture.context_channels=48", "unet.architecture.context_channels: must be a multiple of 32, got 48"),
+    ("vq.config.ch=48", "vq.config.ch: must be a multiple of 32"),
+    ("vq.config.ch_mult=5", "vq.config.ch_mult: Input should be a valid tuple"),
+    ("vq.config.double_z=true", "vq.config.double_z: unknown key"),
+    ("data.image_size=[33, 32]", "data.image_size [33, 32] must be divisible by the first stage's downsampling 2"),
+])
+def test_architecture_and_first_stage_errors_when_the_config_loads(override, message, capsys):
+    """A bad UNet/VQ key or value fails at load time naming the dotted key, before any data is read."""
+    conf = ROOT / "conf/ldm/world_tiny.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_config(conf, LDMConfig, [override])
+    assert message in str(err.value)
+    from synray.cli import main
+
+    assert main(["train-ldm", str(conf), "--set", override]) == 2  # data.path does not exist: the config error is first
+    assert message in capsys.readouterr().err
+
+
+def test_architecture_checked_with_the_real_context_width():
+    """At load time the context width is a placeholder; the run's contexts give the real one."""
+    cfg = load_config(ROOT / "conf/ldm/world_tiny.yaml", LDMConfig)
+    assert unet_config(cfg, 48).context_input_channels == 48
+    fixed = load_config(ROOT / "conf/ldm/world_tiny.yaml", LDMConfig, ["unet.architecture.context_input_channels=32"])
+    assert unet_config(fixed, 32).context_input_channels == 32
+    with pytest.raises(LDMDataError, match="context_input_channels is 32 but the contexts are 48-d"):
+        unet_config(fixed, 48)
+
+
 def test_fitted_first_stage_reconstructs_and_quantises(faces):
     from synray.models.vq import VQConfig
     from synray.ldm.data import load_images

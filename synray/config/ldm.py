@@ -5,6 +5,10 @@ Defaults reproduce the IDiff-Face / ADMIS recipe (generation spec §3.2): 128x12
 eps objective, Adam 1e-4 with CosineAnnealingWarmRestarts(10k, x2) per step, the references' EMA
 (inv_gamma 1, power 0.75, max 0.9999), CPD 0.25, image flip with the context unflipped, seed 0.
 UIFace is ``unet.flavour: uiface`` (learnable empty context, ``unconditioned_probability`` 0.2).
+
+``unet.architecture`` and ``vq.config`` are checked by building the ``UNetConfig`` / ``VQConfig`` they
+describe when the config loads, so a bad key or value is a config error naming the dotted key, raised
+before any encoding or Ray work.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ if TYPE_CHECKING:
     from synray.models.unet import UNetConfig
     from synray.models.vq import VQConfig
 
+#: context width the architecture is checked with at load time; the real one is known once the contexts are
+CONTEXT_WIDTH_PLACEHOLDER = 512
 
 
 class LDMDataConfig(StrictModel):
@@ -84,6 +90,7 @@ class LDMVQConfig(StrictModel):
             raise ValueError("no first stage: give vq.encoder and vq.decoder, or vq.fit.steps > 0 to fit one")
         if given[0] and self.fit.steps:
             raise ValueError("vq.fit.steps must be 0 when vq.encoder/vq.decoder are given")
+        self.vq_config()
         return self
 
     def vq_config(self) -> VQConfig:
@@ -115,6 +122,7 @@ class LDMUNetConfig(StrictModel):
         reserved = _UNET_FLAGS & set(self.architecture)
         if reserved:
             raise ValueError(f"unet.architecture must not set {sorted(reserved)}; use unet.flavour / unet.context_dropout")
+        self.unet_config(CONTEXT_WIDTH_PLACEHOLDER)
         return self
 
     def unet_config(self, context_dim: int) -> UNetConfig:
@@ -204,4 +212,8 @@ class LDMConfig(StrictModel):
         if self.training.batch_size % self.scaling.num_workers:
             raise ValueError(f"training.batch_size {self.training.batch_size} must be divisible by "
                              f"scaling.num_workers {self.scaling.num_workers}")
+        factor = self.vq.vq_config().downsampling
+        if self.data.image_size[0] % factor or self.data.image_size[1] % factor:
+            raise ValueError(f"data.image_size {list(self.data.image_size)} must be divisible by the first stage's "
+                             f"downsampling {factor} (vq.config.ch_mult)")
         return self
