@@ -333,8 +333,7 @@ def write_ldm_assets(folder: Path, learn_empty_context: bool = False) -> dict[st
     unet_path, vq_path = folder / "unet.ckpt", folder / "vq_decoder.pt"
     save_unet_checkpoint(random_unet(learn_empty_context=learn_empty_context), unet_path, linear_schedule())
     torch.manual_seed(1)
-    torch.save(VQDecoder(VQConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in SMALL_VQ.items()})).state_dict(),
-               vq_path)
+    torch.save(VQDecoder(VQConfig.from_dict(SMALL_VQ)).state_dict(), vq_path)
     return {"generator.unet": str(unet_path), "generator.vq_decoder": str(vq_path),
             "generator.vq_config": "{ch: 32, ch_mult: [1, 2], num_res_blocks: 1, resolution: 32}",
             "generator.latent_shape": "[3,16,16]"}

@@ -243,7 +243,7 @@ def main() -> None:
         unet_cfg, latent, batch, rounds = UNetConfig(**TINY_UNET), (3, 16, 16), 2, 1
     else:
         unet_cfg, latent, batch, rounds = UNetConfig.small(), (3, 32, 32), args.batch, args.rounds
-    vq_cfg = VQConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in SMALL_VQ.items()})
+    vq_cfg = VQConfig.from_dict(SMALL_VQ)
     log(f"CPU: {'tiny' if args.quick else 'small'} UNet, latent {latent}, batch {batch}, 1 torch thread")
     cpu = measure(unet_cfg, vq_cfg, latent, batch, rounds, "cpu")
     torch.set_num_threads(threads)

@@ -54,7 +54,7 @@ JOBS: dict[str, Job] = {j.kind: j for j in (
         "train a face-recognition model on shards with Ray Train (re-run to resume)"),
     Job("distill", "distill", "synray.config.distill:DistillConfig", "synray.distill.loop",
         "distil a face-recognition student from a teacher on generated faces (Ray Train)"),
-    Job("train_ldm", "train-ldm", "synray.config.ldm:LDMConfig", "synray.training.ldm",
+    Job("train_ldm", "train-ldm", "synray.config.ldm:LDMConfig", "synray.ldm.job",
         "train an identity-conditioned LDM (CPD, EMA) on Ray Train (re-run to resume)"),
     Job("sweep", "sweep", "synray.config.sweep:SweepConfig", "synray.tuning.sweep",
         "Ray Tune sweep (resampling_coef, CPD ratio, ...) tracked in MLflow (re-run to resume)"),
@@ -92,6 +92,7 @@ class Need:
     keys: str
     bundle: dict[str, float]
     count: int = 1
+    phase: str = "main"  # needs of different phases (encoding, then training) never run at the same time
 
     @classmethod
     def workers(cls, scaling: Any, prefix: str = "scaling") -> Need:

@@ -178,14 +178,15 @@ def preflight(needs: Sequence[Any]) -> None:
                 f"(now or after autoscaling) has that much; change {need.keys}. Nodes: "
                 + ", ".join(_fmt({k: v for k, v in s.items() if not k.startswith('node:') and 'memory' not in k})
                             for s in shapes))
-    total: dict[str, float] = {}
-    for need in needs:
-        for k, v in need.bundle.items():
-            total[k] = total.get(k, 0.0) + need.count * v
-    short = {k: v for k, v in total.items() if v > most.get(k, 0.0) + 1e-9}
-    if short:
-        parts = " + ".join(f"{need.what} x {_fmt(need.bundle)} ({need.keys})" if need.count == 1
-                           else f"{need.what} x {_fmt(need.bundle)} each ({need.keys})" for need in needs)
-        have = ", ".join(f"{k}: {now.get(k, 0.0):g} now, {most.get(k, 0.0):g} at most" for k in sorted(short))
-        raise ResourceError(f"cannot schedule this job: it needs {_fmt(short)} at once ({parts}), the cluster has "
-                            f"{have}. Lower those settings or add nodes.")
+    for phase in dict.fromkeys(need.phase for need in needs):
+        together = [need for need in needs if need.phase == phase]
+        total: dict[str, float] = {}
+        for need in together:
+            for k, v in need.bundle.items():
+                total[k] = total.get(k, 0.0) + need.count * v
+        short = {k: v for k, v in total.items() if v > most.get(k, 0.0) + 1e-9}
+        if short:
+            parts = " + ".join(f"{need.what}: {need.count} x {_fmt(need.bundle)} ({need.keys})" for need in together)
+            have = ", ".join(f"{k}: {now.get(k, 0.0):g} now, {most.get(k, 0.0):g} at most" for k in sorted(short))
+            raise ResourceError(f"cannot schedule this job: it needs {_fmt(short)} at once ({parts}); the cluster has "
+                                f"{have}. Lower those settings or add nodes.")

@@ -49,8 +49,7 @@ def test_shipped_assets_load_strictly_and_say_how_they_were_made():
     assert teacher.input_size == (32, 32)
     unet = load_unet(gen["unet"])  # strict, weights_only
     assert unet.context_emb.in_features == meta["context_dim"]
-    load_vq_decoder(gen["vq_decoder"], VQConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                                   for k, v in gen["vq_config"].items()}))
+    load_vq_decoder(gen["vq_decoder"], VQConfig.from_dict(gen["vq_config"]))
     # the shipped teacher learnt the world: well above chance on the held-out frontal set
     assert meta["teacher_verification"]["world-frontal"]["accuracy"] > 0.85
 

@@ -9,13 +9,15 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from faults import StopAfter
 
 from synray.config import ConfigError, load_config
 from synray.config.ldm import LDMConfig
-from synray.training.ldm import (
-    DECODER_FILE, EMA_FILE, MODEL_FILE, LDMDataError, LDMHooks, fit_first_stage, ldm_loop, list_images,
-    LocalLatents, load_context_file, prepare_latents, unet_config,
-)
+from synray.ldm.data import LDMDataError, list_images, load_context_file
+from synray.ldm.encode import prepare_latents
+from synray.ldm.first_stage import DECODER_FILE, fit_first_stage
+from synray.ldm.learner import EMA_FILE, MODEL_FILE, ldm_loop, unet_config
+from synray.training.runner import local_hooks
 
 ROOT = Path(__file__).resolve().parents[1]
 UNET = {"initial_channels": 32, "channel_multipliers": [1, 2], "is_attention": [False, True],
@@ -107,9 +109,42 @@ def test_config_errors_name_the_key(faces, tmp_path, world_teacher):
     assert uc.context_dropout == 0.5 and uc.learn_empty_context and uc.unconditioned_probability == 0.2
 
 
+@pytest.mark.parametrize("override, message", [
+    ("unet.architecture.channel_multipliers=[1, 0]", "unet.architecture.channel_multipliers: must be positive integers"),
+    ("unet.architecture.channel_multipliers=[a, 2]", "unet.architecture.channel_multipliers.0: Input should be a valid integer"),
+    ("unet.architecture.initial_chanels=32", "unet.architecture.initial_chanels: unknown key"),
+    ("unet.architecture.is_attention=[true]", "unet.architecture.is_attention: has 1 entries but channel_multipliers has 2"),
+    ("unet.architecture.context_channels=48", "unet.architecture.context_channels: must be a multiple of 32, got 48"),
+    ("vq.config.ch=48", "vq.config.ch: must be a multiple of 32"),
+    ("vq.config.ch_mult=5", "vq.config.ch_mult: Input should be a valid tuple"),
+    ("vq.config.double_z=true", "vq.config.double_z: unknown key"),
+    ("data.image_size=[33, 32]", "data.image_size [33, 32] must be divisible by the first stage's downsampling 2"),
+])
+def test_architecture_and_first_stage_errors_when_the_config_loads(override, message, capsys):
+    """A bad UNet/VQ key or value fails at load time naming the dotted key, before any data is read."""
+    conf = ROOT / "conf/ldm/world_tiny.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_config(conf, LDMConfig, [override])
+    assert message in str(err.value)
+    from synray.cli import main
+
+    assert main(["train-ldm", str(conf), "--set", override]) == 2  # data.path does not exist: the config error is first
+    assert message in capsys.readouterr().err
+
+
+def test_architecture_checked_with_the_real_context_width():
+    """At load time the context width is a placeholder; the run's contexts give the real one."""
+    cfg = load_config(ROOT / "conf/ldm/world_tiny.yaml", LDMConfig)
+    assert unet_config(cfg, 48).context_input_channels == 48
+    fixed = load_config(ROOT / "conf/ldm/world_tiny.yaml", LDMConfig, ["unet.architecture.context_input_channels=32"])
+    assert unet_config(fixed, 32).context_input_channels == 32
+    with pytest.raises(LDMDataError, match="context_input_channels is 32 but the contexts are 48-d"):
+        unet_config(fixed, 48)
+
+
 def test_fitted_first_stage_reconstructs_and_quantises(faces):
     from synray.models.vq import VQConfig
-    from synray.training.ldm import load_images
+    from synray.ldm.data import load_images
 
     cfg = ldm_cfg(faces, "x", contexts={"source": "file", "path": "c.npy"})
     items = list_images(cfg)
@@ -149,11 +184,9 @@ def test_local_training_writes_the_published_layout_and_resumes(faces, tmp_path,
                 (dst / f).write_bytes(Path(directory, f).read_bytes())
             saved[metrics["step"]] = dst
 
-    data = LocalLatents(info)
-    batches = lambda e: data.batches(4, cfg.seed, e)  # noqa: E731
     with pytest.raises(RuntimeError, match="stopped after step 6"):
-        ldm_loop(cfg, info, LDMHooks(report=report, batches=batches, stop_after_step=6))
-    final = ldm_loop(cfg, info, LDMHooks(report=report, batches=batches, restore_dir=str(saved[6])))
+        ldm_loop(cfg, local_hooks(send=report, callbacks=[StopAfter("step", 6, cfg.training.steps)]), info.to_dict())
+    final = ldm_loop(cfg, local_hooks(str(saved[6]), send=report), info.to_dict())
     assert [m["step"] for m in reports] == [3, 6, 9, 12] and final["resumed_from_step"] == 6
     assert all(np.isfinite(m["loss"]) for m in reports) and sorted(saved) == [6, 12]
     ck = saved[12]
@@ -179,7 +212,7 @@ def test_train_ldm_on_ray_then_synthesize(ray_session, world_teacher, tmp_path):
     from synray.io import shards
     from synray.io.images import decode_image
     from synray.synthesis.pipeline import run_local
-    from synray.training.ldm_command import train_ldm
+    from synray.jobs import run_job
 
     world = load_job(ROOT / "conf/synth/world.yaml", [
         f"output.uri={tmp_path}/world", "identities.count=6", "identities.unit_size=3",
@@ -190,14 +223,14 @@ def test_train_ldm_on_ray_then_synthesize(ray_session, world_teacher, tmp_path):
               f"tracking.uri={uri}", "tracking.experiment=t-ldm", "data.unit_size=12", "vq.fit.steps=40",
               "vq.fit.n_embed=64", "training.batch_size=4", "training.checkpoint_every=4", "training.log_every=2",
               "unet.flavour=uiface"]  # learnable empty context + uncond20 under DDP
-    first = train_ldm(str(ROOT / "conf/ldm/world_tiny.yaml"), common + ["training.steps=4"], quiet=True)
+    first = run_job(load_job(ROOT / "conf/ldm/world_tiny.yaml", common + ["training.steps=4"]), quiet=True)
     assert first.metrics["step"] == 4 and first.metrics["world_size"] == 2 and first.metrics["resumed_from_step"] == -1
-    again = train_ldm(str(ROOT / "conf/ldm/world_tiny.yaml"), common + ["training.steps=8"], quiet=True)
+    again = run_job(load_job(ROOT / "conf/ldm/world_tiny.yaml", common + ["training.steps=8"]), quiet=True)
     assert again.metrics["step"] == 8 and again.metrics["resumed_from_step"] == 4 and np.isfinite(again.metrics["loss"])
     meta = json.loads(Path(again.checkpoint_uri, "meta.json").read_text())
     assert meta["step"] == 8 and meta["unet_config"]["context_dropout"] == 0.25
     assert meta["unet_config"]["learn_empty_context"] and meta["unet_config"]["unconditioned_probability"] == 0.2
-    gen = again.generator
+    gen = again.extra["generator"]
     assert gen["latent_shape"] == [3, 16, 16] and Path(gen["unet"]).name == "ema_averaged_model.ckpt"
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["t-ldm"])

@@ -5,19 +5,31 @@ Defaults reproduce the IDiff-Face / ADMIS recipe (generation spec §3.2): 128x12
 eps objective, Adam 1e-4 with CosineAnnealingWarmRestarts(10k, x2) per step, the references' EMA
 (inv_gamma 1, power 0.75, max 0.9999), CPD 0.25, image flip with the context unflipped, seed 0.
 UIFace is ``unet.flavour: uiface`` (learnable empty context, ``unconditioned_probability`` 0.2).
+
+``unet.architecture`` and ``vq.config`` are checked by building the ``UNetConfig`` / ``VQConfig`` they
+describe when the config loads, so a bad key or value is a config error naming the dotted key, raised
+before any encoding or Ray work.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from functools import partial
+from typing import TYPE_CHECKING, Any, Literal
 
-from typing import Any, Literal
-
-from pydantic import Field, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
 from synray.config.base import JobConfig, OutputConfig, StrictModel, TrackingConfig
 from synray.config.paths import URI, ModelRef
 from synray.config.run import CheckpointConfig, ScalingConfig
+
+if TYPE_CHECKING:
+    from synray.models.unet import UNetConfig
+    from synray.models.vq import VQConfig
+
+#: context width the architecture is checked with at load time; the real one is known once the contexts are
+CONTEXT_WIDTH_PLACEHOLDER = 512
 
 
 class LDMDataConfig(StrictModel):
@@ -81,7 +93,21 @@ class LDMVQConfig(StrictModel):
             raise ValueError("no first stage: give vq.encoder and vq.decoder, or vq.fit.steps > 0 to fit one")
         if given[0] and self.fit.steps:
             raise ValueError("vq.fit.steps must be 0 when vq.encoder/vq.decoder are given")
+        self.vq_config()
         return self
+
+    def vq_config(self) -> VQConfig:
+        """The first stage's VQConfig: ``config`` (default: the published VQ-f4), with ``fit.n_embed`` entries
+        when fitting and ``config`` leaves the codebook size open."""
+        from synray.models.vq import VQConfig  # torch
+
+        base = dict(self.config or {})
+        if self.fit.steps and "n_embed" not in base:
+            base["n_embed"] = self.fit.n_embed
+        return VQConfig.from_dict(base, key="vq.config")
+
+
+_UNET_FLAGS = frozenset({"context_dropout", "unconditioned_probability", "learn_empty_context"})  # set by flavour/CPD
 
 
 class LDMUNetConfig(StrictModel):
@@ -96,10 +122,47 @@ class LDMUNetConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> LDMUNetConfig:
-        reserved = {"context_dropout", "unconditioned_probability", "learn_empty_context"} & set(self.architecture)
+        reserved = _UNET_FLAGS & set(self.architecture)
         if reserved:
             raise ValueError(f"unet.architecture must not set {sorted(reserved)}; use unet.flavour / unet.context_dropout")
+        self.unet_config(CONTEXT_WIDTH_PLACEHOLDER)
         return self
+
+    def unet_config(self, context_dim: int) -> UNetConfig:
+        """The UNetConfig: the flavour's flags, CPD, the architecture overrides and ``context_dim`` as the
+        context width unless ``architecture.context_input_channels`` sets it. A bad entry is a ValueError
+        naming ``unet.architecture.<key>``."""
+        from synray.models.unet import FLAVOURS, UNetConfig  # torch
+
+        flags = dict(FLAVOURS[self.flavour])
+        flags["context_dropout"] = self.context_dropout
+        if self.unconditioned_probability is not None:
+            flags["unconditioned_probability"] = self.unconditioned_probability
+        return _build(UNetConfig, {"context_input_channels": context_dim, **self.architecture, **flags},
+                      "unet.architecture", hidden=_UNET_FLAGS)
+
+
+def _build(cls: type, values: dict[str, Any], key: str, hidden: frozenset[str] = frozenset()) -> Any:
+    """``cls(**values)`` for a config dataclass, with every bad entry reported as ``<key>.<field>: ...``
+    (``hidden``: fields set elsewhere, not listed as valid keys)."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        valid = ", ".join(k for k in known if k not in hidden)
+        raise ValueError("; ".join(f"{key}.{k}: unknown key (valid: {valid})" for k in unknown))
+    try:
+        return TypeAdapter(cls).validate_python(values)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            field, msg = ".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, ")
+            named = re.match(rf"{cls.__name__}\.(\w+) ", msg)  # __post_init__ names the field it rejects
+            if field:
+                msg += f" (got {e['input']!r})"
+            elif named:
+                field, msg = named.group(1), msg[named.end():]
+            problems.append(f"{key}.{field}: {msg}" if field else f"{key}: {msg}")
+        raise ValueError("; ".join(problems)) from None
 
 
 class EMAConfig(StrictModel):
@@ -152,4 +215,8 @@ class LDMConfig(JobConfig):
         if bad:
             raise ValueError(f"training.batch_size {self.training.batch_size} must be divisible by "
                              f"scaling.num_workers (every worker count it allows: {bad} do not divide it)")
+        factor = self.vq.vq_config().downsampling
+        if self.data.image_size[0] % factor or self.data.image_size[1] % factor:
+            raise ValueError(f"data.image_size {list(self.data.image_size)} must be divisible by the first stage's "
+                             f"downsampling {factor} (vq.config.ch_mult)")
         return self

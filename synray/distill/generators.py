@@ -203,7 +203,7 @@ class LDMLatentGenerator:
 
         self.device = torch.device(device)
         self.unet = load_unet(cfg.path, device=self.device).eval().requires_grad_(False)
-        vq = VQConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.vq_config.items()}) if cfg.vq_config else None
+        vq = VQConfig.from_dict(cfg.vq_config, key="generator.vq_config") if cfg.vq_config else None
         self.vq = load_vq_decoder(cfg.vq_decoder, vq, device=self.device).eval().requires_grad_(False)
         self.latent_shape = tuple(cfg.latent_shape)
         self.steps = cfg.sampler_steps

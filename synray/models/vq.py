@@ -11,12 +11,14 @@ quantisation (nearest codebook entry by squared L2).
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
 __all__ = ["VQConfig", "VQEncoder", "VQDecoder"]
@@ -61,6 +63,29 @@ class VQConfig:
     def small(cls, **overrides: Any) -> VQConfig:
         """The small config of ``vq_small_golden.pt``."""
         return cls(**{**dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=32), **overrides})
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], key: str = "vq_config") -> VQConfig:
+        """From a config or JSON mapping of field names (lists stand for tuples), as configs and
+        ``vq_config.json`` hold it. A bad entry is a ``ValueError`` naming its dotted key under ``key``
+        (``vq.config.ch_mult.0: ...``)."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError("; ".join(f"{key}.{k}: unknown key (valid: {', '.join(known)})" for k in unknown))
+        try:
+            return TypeAdapter(cls).validate_python(dict(values))
+        except ValidationError as err:
+            problems = []
+            for e in err.errors():
+                field, msg = ".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, ")
+                named = re.match(r"VQConfig\.(\w+) ", msg)  # __post_init__ names the field it rejects
+                if field:
+                    msg += f" (got {e['input']!r})"
+                elif named:
+                    field, msg = named.group(1), msg[named.end():]
+                problems.append(f"{key}.{field}: {msg}" if field else f"{key}: {msg}")
+            raise ValueError("; ".join(problems)) from None
 
     @classmethod
     def from_reference(cls, cfg: Mapping[str, Any]) -> VQConfig:

@@ -55,7 +55,7 @@ class LDMGenerator:
         g = cfg.generator
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() and g.num_gpus > 0 else "cpu"))
         self.unet = load_unet(g.unet, device=self.device).eval()
-        vq_cfg = VQConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in g.vq_config.items()}) if g.vq_config else None
+        vq_cfg = VQConfig.from_dict(g.vq_config, key="generator.vq_config") if g.vq_config else None
         self.vq = load_vq_decoder(g.vq_decoder, vq_cfg, device=self.device).eval()
         self.cfg = cfg
         self.batch_size = g.batch_size

@@ -1,4 +1,4 @@
-"""Summing per-rank statistics across Ray Train workers (a no-op on one worker)."""
+"""The few collectives the training loops need (no-ops on one worker)."""
 
 from __future__ import annotations
 
@@ -14,3 +14,15 @@ def all_reduce_sum(values: list[float], device: torch.device, world_size: int) -
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def all_have(present: bool, device: torch.device, world_size: int) -> bool:
+    """True on every rank while every rank still has a batch: the first rank to run out stops them all,
+    which keeps DDP's collectives aligned."""
+    if world_size == 1:
+        return present
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if present else 0], device=device)
+    dist.all_reduce(flag, dist.ReduceOp.MIN)
+    return bool(flag.item())

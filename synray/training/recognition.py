@@ -39,7 +39,7 @@ from synray.training import schedules
 from synray.training.cfsm_aug import adversarial_styles, real_synth_indices
 from synray.jobs import JobContext, Need, Outcome
 from synray.training.checkpointing import CheckpointReader, TrainingMeta, write_rank_files
-from synray.training.collective import all_reduce_sum
+from synray.training.collective import all_have, all_reduce_sum
 from synray.training.data import DataError, DatasetInfo, dataset_info
 from synray.training.mixup import SYNFACE_LAMBDAS, Target, mix_images, sample_lambda, synface_targets
 from synray.training.partial_fc import ShardedClassifier, class_split
@@ -352,19 +352,9 @@ class Learner:
 
 
 def _synced_next(it: Iterator, world_size: int, device: torch.device):
-    """Next batch, or None on every rank as soon as any rank has run out (keeps collectives aligned)."""
-    try:
-        batch = next(it)
-    except StopIteration:
-        batch = None
-    if world_size > 1:
-        import torch.distributed as dist
-
-        flag = torch.tensor([0 if batch is None else 1], device=device)
-        dist.all_reduce(flag, dist.ReduceOp.MIN)
-        if int(flag.item()) == 0:
-            return None
-    return batch
+    """Next batch, or None on every rank as soon as any rank has run out."""
+    batch = next(it, None)
+    return batch if all_have(batch is not None, device, world_size) else None
 
 
 def _cycle(shard, batch_size: int, prefetch: int) -> Iterator:

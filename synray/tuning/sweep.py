@@ -3,7 +3,7 @@
 * The target job's YAML (``base`` + ``overrides``) is validated with every grid value and both ends of
   every range before Ray starts.
 * Each trial is a Tune function trainable that runs the job's loop in its own process
-  (:func:`synray.distill.loop.distill_loop`, :func:`synray.training.ldm.ldm_loop`) with the runner's
+  (:func:`synray.distill.loop.distill_loop`, :func:`synray.ldm.learner.ldm_loop`) with the runner's
   Tune hooks (:func:`synray.training.runner.tune_hooks`), reporting after every epoch / checkpoint
   with a Tune checkpoint, so a trial resumes where it stopped. For LDM sweeps
   the encoding pre-stage runs once before the trials and the objective
@@ -108,8 +108,10 @@ def ldm_trainable(config: dict, *, base: dict, latents: dict, objective: dict, t
     import torch
 
     from synray.config.sweep import ObjectiveConfig
+    from synray.ldm.encode import LatentsInfo
+    from synray.ldm.first_stage import DECODER_FILE, load_stage
+    from synray.ldm.learner import ldm_loop
     from synray.models.export import load_any_backbone
-    from synray.training.ldm import DECODER_FILE, LatentsInfo, LDMHooks, LocalLatents, _load_stage, ldm_loop
     from synray.tuning.objectives import ldm_objective, training_contexts
 
     torch.set_num_threads(threads)
@@ -118,22 +120,13 @@ def ldm_trainable(config: dict, *, base: dict, latents: dict, objective: dict, t
     info = LatentsInfo.from_dict(latents)
     obj = ObjectiveConfig.model_validate(objective)
     embedder = load_any_backbone(obj.embedder or cfg.contexts.embedder).eval()
-    decoder = _load_stage(info.first_stage, DECODER_FILE, info.vq_config)
+    decoder = load_stage(info.first_stage, DECODER_FILE, info.vq_config)
     contexts = training_contexts(info, obj.identities)
-    stop = _fault(fault)
-    stop_step = stop * cfg.training.checkpoint_every if stop else None
 
     def score(learner) -> dict[str, float]:
         return ldm_objective(learner.ema.averaged_model, decoder, embedder, contexts, info.latent_shape, obj, cfg.seed)
 
-    data = LocalLatents(info)
-
-    def run(directory: str | None) -> None:
-        hooks = LDMHooks(report=_reporter(), restore_dir=directory, on_checkpoint=score, stop_after_step=stop_step,
-                         batches=lambda e: data.batches(cfg.training.batch_size, cfg.seed, e))
-        ldm_loop(cfg, info, hooks)
-
-    _run_with_checkpoint(run)
+    ldm_loop(cfg, tune_hooks(callbacks), latents=latents, score=score)
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,7 +216,7 @@ def run(cfg: SweepConfig, ctx: JobContext) -> SweepOutcome:
     if cfg.target == "distill":
         trainable = tune.with_parameters(distill_trainable, base=base, threads=threads, callbacks=callbacks)
     else:
-        from synray.training.ldm import prepare_latents
+        from synray.ldm.encode import prepare_latents
 
         info = prepare_latents(trial_config(base, {}, cfg.target))  # once: CPD does not change the latents
         trainable = tune.with_parameters(ldm_trainable, base=base, latents=info.to_dict(),
