@@ -16,12 +16,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from synray.config.ldm import LDMConfig
+from synray.errors import UserError
 from synray.io import storage
 
 __all__ = ["LDMDataError", "ImageItems", "list_images", "load_images", "load_context_file"]
 
 
-class LDMDataError(ValueError):
+class LDMDataError(UserError, ValueError):
     """Training images, contexts or latents are missing or inconsistent with the config."""
 
 
