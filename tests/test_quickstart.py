@@ -3,13 +3,17 @@
 import importlib.util
 import json
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from synray.config import ConfigError, load_config
 from synray.config.quickstart import QuickstartConfig
 
-QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "quickstart.yaml")
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "conf" / "quickstart.yaml"
 
 
 def test_quickstart_config_validates_and_tiny_applies():
@@ -54,21 +58,38 @@ def test_shipped_assets_load_strictly_and_say_how_they_were_made():
     assert meta["teacher_verification"]["world-frontal"]["accuracy"] > 0.85
 
 
+def fresh_clone(dest: Path) -> Path:
+    """The repository's tracked files copied to ``dest``: what a user has after ``git clone``."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    for name in filter(None, files):
+        src, dst = ROOT / name.decode(), dest / name.decode()
+        if src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    return dest
+
+
+def synray(cwd: Path, *args: str, timeout: float = 1100) -> str:
+    """The ``synray`` console command in a subprocess, as a user types it in ``cwd``."""
+    out = subprocess.run(["synray", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                         env={k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_tiny_quickstart_end_to_end(tmp_path, monkeypatch, capsys):
-    """The README's main job at CI size, with the shipped world teacher and LDM, plus ``--distill``
+def test_tiny_quickstart_end_to_end(tmp_path):
+    """The README's main job as typed (``synray quickstart``, at ``--tiny`` size) from the root of a fresh clone, with
+    the config's default relative output and tracking store, the shipped world teacher and LDM, plus ``--distill``
     (DigiFace DCGAN in the loop, dlib teacher) when those offline assets are installed."""
-    from synray.cli import main
-
     distill = all(importlib.util.find_spec(m) for m in ("dlib", "gan_face_generate", "face_recognition_models"))
-    monkeypatch.chdir(tmp_path)
-    assert main(["quickstart", "--tiny", "--quiet", *(["--distill"] if distill else []), "--set", f"output={tmp_path / 'qs'}",
-                 "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]) == 0
-    out = capsys.readouterr().out
+    clone = fresh_clone(tmp_path / "synray")
+    out = synray(clone, "quickstart", "--tiny", *(["--distill"] if distill else []))
+    qs = clone / "outputs" / "quickstart"  # conf/quickstart.yaml's relative output, against the working dir
     assert "synthetic (LDM)" in out and "real (baseline)" in out and "mlflow ui" in out
-    assert not (tmp_path / "qs" / "assets-build").exists()  # nothing rebuilt: the shipped assets were used
-    result = json.loads((tmp_path / "qs" / "results.json").read_text())
+    assert not (qs / "assets-build").exists()  # nothing rebuilt: the shipped assets were used
+    result = json.loads((qs / "results.json").read_text())
     assert result["images_generated"] == 48 * 16
     acc = {k: {s: v["accuracy"] for s, v in result[k].items()} for k in ("real", "synthetic")}
     # the baseline is recorded and learnt the world (seen at CI size: frontal 87.7-88.0%, average 71.0-74.3%)
@@ -85,12 +106,30 @@ def test_tiny_quickstart_end_to_end(tmp_path, monkeypatch, capsys):
         assert 0.0 < result["distill"]["verification"]["average"]["accuracy"] <= 1.0
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    store = f"sqlite:///{clone / 'mlruns' / 'mlflow.db'}"  # the default store, under the working dir
+    assert f"mlflow ui --backend-store-uri {store}" in out
+    mlflow.set_tracking_uri(store)
     runs = mlflow.search_runs(experiment_names=["synray-quickstart"], output_format="list")
     top = [r for r in runs if r.data.tags.get("synray.job") == "quickstart"]
     assert top and top[0].data.metrics["synthetic/average"] == pytest.approx(acc["synthetic"]["average"])
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(top[0].info.run_id)}
     assert "results.txt" in arts
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_quickstart_from_another_directory(tmp_path):
+    """``synray quickstart`` typed in an empty directory outside the clone: the project's recipe is found, and the
+    relative output and tracking store land in that directory (shrunk further with ``--set``, as a user may)."""
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    out = synray(work, "quickstart", "--tiny", "--set", "world.train_identities=24", "--set", "synth_identities=24",
+                 "--set", "world.verification_pairs=100", "--set", "student_epochs=2")
+    assert "synthetic (LDM)" in out and "real (baseline)" in out
+    result = json.loads((work / "outputs" / "quickstart" / "results.json").read_text())
+    assert result["images_generated"] == 24 * 16
+    assert (work / "mlruns" / "mlflow.db").exists()
+    assert set(os.listdir(work)) == {"outputs", "mlruns"}
 
 
 @pytest.mark.slow
