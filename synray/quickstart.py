@@ -20,6 +20,7 @@ from typing import Any
 
 from synray.config.jobs import load_job_config
 from synray.config.quickstart import QuickstartConfig
+from synray.redact import redact_text
 
 ASSET_FILES = ("teacher.pt", "generator.json", "unet.ckpt", "vq_decoder.pt")
 #: ``--tiny``: CI size (about 3 minutes on 2 cores with the shipped assets; a tiny ``--rebuild-assets`` adds 3)
@@ -212,7 +213,7 @@ def run_quickstart(cfg: QuickstartConfig, rebuild_assets: bool = False, distill:
                 table = assets_summary(folder, meta)
                 tracker.log_text(table, "assets.txt")
                 return {"table": table, "assets": folder, "meta": meta, "seconds": time.perf_counter() - t0,
-                        "mlflow": uri, "hint": mlflow_ui_hint(uri)}
+                        "mlflow": redact_text(uri), "hint": mlflow_ui_hint(uri)}
         assets = load_assets(folder)
         synth_uri, synth_summary = synthesize(cfg, assets, tracking)
         synthetic = train_student(cfg, "student_synthetic", synth_uri, bins, tracking)
@@ -221,7 +222,7 @@ def run_quickstart(cfg: QuickstartConfig, rebuild_assets: bool = False, distill:
         result = {
             "real": real.verification, "synthetic": synthetic.verification,
             "images_generated": synth_summary["images_written"], "images_per_second": synth_summary["images_per_second"],
-            "mlflow": uri,
+            "mlflow": redact_text(uri),  # results.json and the return value leave the process: no credentials
         }
         if distill:
             distilled = distill_real_assets(cfg, bins, tracking)

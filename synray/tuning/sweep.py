@@ -13,26 +13,34 @@
   full job config (``best_config.yaml``) are logged to the parent and printed.
 * Re-running a sweep with the same ``output.uri`` and ``name`` calls ``Tuner.restore``: finished trials
   are kept, unfinished and errored ones resume from their last checkpoint, under the same parent run.
+  Restoring unpickles Tune's state from that folder, so it happens only when the folder holds the marker
+  (``synray_sweep.json``: sweep name, config hash, random id) that this sweep wrote when it created the
+  experiment, and the marker matches the sweep's name and config.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
+import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-from synray.config.base import ConfigError, _set_dotted, apply_overrides, read_yaml, validate
+from synray.config.base import ConfigError, _set_dotted, apply_overrides, config_hash, read_yaml, validate
 from synray.config.sweep import SweepConfig
 from synray.io import storage
+from synray.redact import redact, redact_text
 
 __all__ = ["SweepOutcome", "load_target", "trial_config", "param_space", "run_sweep", "distill_trainable",
-           "ldm_trainable", "PARENT_FILE"]
+           "ldm_trainable", "best_config_yaml", "PARENT_FILE", "OWNER_FILE", "sweep_identity", "write_owner_marker", "check_owner_marker"]
 
 PARENT_FILE = "synray_parent_run.json"
+OWNER_FILE = "synray_sweep.json"
 
 
 def _schema(target: str):
@@ -72,6 +80,11 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], target: str):
     for key, value in params.items():
         _set_dotted(data, key, value)
     return _schema(target).model_validate(data)
+
+
+def best_config_yaml(base: dict[str, Any], params: dict[str, Any], target: str) -> str:
+    """A trial's full job config as YAML, redacted: it goes to MLflow, to storage and to stdout."""
+    return yaml.safe_dump(redact(trial_config(base, params, target).model_dump(mode="json")), sort_keys=False)
 
 
 def param_space(cfg: SweepConfig) -> dict[str, Any]:
@@ -172,6 +185,49 @@ def ldm_trainable(config: dict, *, base: dict, cwd: str, latents: dict, objectiv
 
 
 # --------------------------------------------------------------------------------------------
+# restore ownership: Tuner.restore unpickles what it finds, so it only restores what this sweep created
+
+#: sweep settings that may change between a run and its resume without changing the experiment
+_RUN_SETTINGS = {"resume", "fault_injection", "ray", "tracking", "output", "trial_resources", "max_concurrent_trials",
+                 "trial_max_failures", "num_to_keep", "base", "overrides"}
+
+
+def sweep_identity(cfg: SweepConfig, base: dict[str, Any]) -> dict[str, str]:
+    """Name and content hash of the experiment: the searched space, scheduler, metric and the resolved target config."""
+    content = json.dumps([config_hash(cfg, exclude=_RUN_SETTINGS), base], sort_keys=True, default=str)
+    return {"sweep": cfg.name, "config_hash": hashlib.sha256(content.encode()).hexdigest()[:16]}
+
+
+def write_owner_marker(exp_uri: str, identity: dict[str, str]) -> dict[str, str]:
+    """Mark ``exp_uri`` as created by this sweep (written when the experiment is created, before any trial)."""
+    marker = {**identity, "id": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    storage.write_bytes_atomic(storage.join(exp_uri, OWNER_FILE), json.dumps(marker, indent=2).encode())
+    return marker
+
+
+def check_owner_marker(exp_uri: str, identity: dict[str, str]) -> dict[str, str]:
+    """The marker of the experiment in ``exp_uri`` if it was created by this sweep; else a ConfigError saying why."""
+    where = storage.join(exp_uri, OWNER_FILE)
+    hint = ("Tune restores a sweep by unpickling the files in that folder, so synray restores only an experiment "
+            "this sweep created there; give the sweep another name or output.uri, or set resume=false to start "
+            "a new experiment in that folder")
+    if not storage.exists(where):
+        raise ConfigError(f"refusing to restore sweep {identity['sweep']!r} from {exp_uri}: it has a Tune experiment "
+                          f"but no {OWNER_FILE} (not created by this sweep). {hint}")
+    try:
+        marker = json.loads(storage.read_bytes(where))
+        if not isinstance(marker, dict) or not isinstance(marker.get("id"), str):
+            raise ValueError("not a synray sweep marker")
+    except ValueError as exc:
+        raise ConfigError(f"refusing to restore sweep {identity['sweep']!r}: {where} is unreadable ({exc}). {hint}") from None
+    for key, want in identity.items():
+        if marker.get(key) != want:
+            raise ConfigError(f"refusing to restore sweep {identity['sweep']!r} from {exp_uri}: the experiment there "
+                              f"has {key} {marker.get(key)!r}, this sweep {want!r} (a different sweep or config). {hint}")
+    return marker
+
+
+# --------------------------------------------------------------------------------------------
 # driver
 
 
@@ -218,7 +274,8 @@ def _parent_run(cfg: SweepConfig, exp_uri: str, workdir: str | None):
                 yield Tracker(run)
             return
         with job_run(cfg, "sweep", workdir=workdir, tags={"synray.sweep": cfg.name}) as tracker:
-            storage.write_bytes_atomic(marker, json.dumps({"run_id": tracker.run_id, "tracking_uri": uri}).encode())
+            storage.write_bytes_atomic(marker, json.dumps({"run_id": tracker.run_id,
+                                                           "tracking_uri": redact_text(uri)}).encode())
             yield tracker
 
     return ctx()
@@ -241,6 +298,14 @@ def run_sweep(cfg: SweepConfig, workdir: str | None = None) -> SweepOutcome:
     threads = max(1, int(cfg.trial_resources.cpu))
     fault = cfg.fault_injection.model_dump() if cfg.fault_injection.after_reports else None
     target_cfg = trial_config(base, {}, cfg.target)
+    exp_uri = storage.join(cfg.output.uri, cfg.name)
+    loc, exp_loc = storage.resolve(cfg.output.uri), storage.resolve(exp_uri)
+    restored = bool(cfg.resume) and tune.Tuner.can_restore(exp_loc.path, storage_filesystem=exp_loc.fs)
+    identity = sweep_identity(cfg, base)  # before Ray starts: refuse a foreign experiment first
+    if restored:
+        check_owner_marker(exp_uri, identity)
+    else:
+        write_owner_marker(exp_uri, identity)
     init_ray(cfg.ray)
     if cfg.target == "distill":
         from synray.distill.loop import check_distill_config
@@ -258,9 +323,6 @@ def run_sweep(cfg: SweepConfig, workdir: str | None = None) -> SweepOutcome:
                                          objective=objective, threads=threads, fault=fault)
     trainable = tune.with_resources(trainable, {"cpu": cfg.trial_resources.cpu, "gpu": cfg.trial_resources.gpu})
 
-    exp_uri = storage.join(cfg.output.uri, cfg.name)
-    loc, exp_loc = storage.resolve(cfg.output.uri), storage.resolve(exp_uri)
-    restored = bool(cfg.resume) and tune.Tuner.can_restore(exp_loc.path, storage_filesystem=exp_loc.fs)
     with _parent_run(cfg, exp_uri, workdir) as tracker:
         uri = resolve_tracking_uri(cfg.tracking, workdir)
         if restored and tracker.run_id:
@@ -295,11 +357,10 @@ def run_sweep(cfg: SweepConfig, workdir: str | None = None) -> SweepOutcome:
         trials, errors = [], []
         for r in results:
             params = {k: r.config.get(k) for k in cfg.space}
-            trials.append({"params": params, "metrics": numeric_metrics(r.metrics or {}),
-                           "error": None if r.error is None else str(r.error).splitlines()[0][:300],
-                           "path": r.path})
+            error = None if r.error is None else redact_text(str(r.error).splitlines()[0][:300])
+            trials.append({"params": params, "metrics": numeric_metrics(r.metrics or {}), "error": error, "path": r.path})
             if r.error is not None:
-                errors.append(f"{params}: {str(r.error).splitlines()[0][:300]}")
+                errors.append(f"{params}: {error}")
         best_params = best_metric = best_yaml = None
         try:
             best = results.get_best_result(metric=metric, mode=mode, scope="last")
@@ -308,7 +369,7 @@ def run_sweep(cfg: SweepConfig, workdir: str | None = None) -> SweepOutcome:
         if best is not None and best.metrics and metric in best.metrics:
             best_params = {k: best.config.get(k) for k in cfg.space}
             best_metric = float(best.metrics[metric])
-            best_yaml = yaml.safe_dump(trial_config(base, best_params, cfg.target).model_dump(mode="json"), sort_keys=False)
+            best_yaml = best_config_yaml(base, best_params, cfg.target)
             # tags, not params: a resumed sweep may find another best, and MLflow params are write-once
             tracker.set_tags({**{f"best.{k}": json.dumps(v) for k, v in best_params.items()},
                               "synray.best_trial": os.path.basename(best.path or "")})
@@ -318,13 +379,13 @@ def run_sweep(cfg: SweepConfig, workdir: str | None = None) -> SweepOutcome:
         tracker.log_metrics({"trials": len(trials), "trials_errored": len(errors)})
         outcome = SweepOutcome(best_params, best_metric, best_yaml, metric, tracker.run_id, restored, trials, errors, exp_uri)
         storage.write_bytes_atomic(storage.join(exp_uri, "sweep_summary.json"),
-                                   json.dumps(outcome.__dict__, indent=2, default=str).encode())
+                                   redact_text(json.dumps(outcome.__dict__, indent=2, default=str)).encode())
     lines = [f"[synray sweep] {cfg.name}: {len(trials)} trials ({len(errors)} errored){' (restored)' if restored else ''}"]
     if best_params is not None:
         lines.append(f"[synray sweep] best {metric} = {best_metric:.6g} with {json.dumps(best_params)}")
     for e in errors:
         lines.append(f"[synray sweep] errored trial {e} (re-run the sweep to resume it)")
-    print("\n".join(lines), flush=True)
+    print(redact_text("\n".join(lines)), flush=True)
     if not is_quiet(cfg.ray) and best_yaml:
         print(best_yaml)
     return outcome
