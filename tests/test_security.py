@@ -140,10 +140,8 @@ def test_torch_lower_bound_closes_the_weights_only_bypass():
     from packaging.requirements import Requirement
     from packaging.version import Version
 
-    try:
-        import tomllib
-    except ImportError:  # pragma: no cover - Python < 3.11
-        pytest.skip("tomllib")
+    import tomllib
+
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     torch = next(Requirement(d) for d in deps if Requirement(d).name == "torch")
     assert not torch.specifier.contains(Version("2.5.1")) and torch.specifier.contains(Version("2.6.0"))
@@ -250,13 +248,14 @@ def test_tracker_redacts_params_tags_text_and_text_artifacts(tmp_path, monkeypat
     notes = tmp_path / "notes.txt"
     notes.write_text(f"fetched {PRESIGNED}\nsecret_key={'hunter2'}\n")
     binary = tmp_path / "blob.bin"
-    binary.write_bytes(b"\x00\x01hunter2")  # not text: uploaded as it is
+    binary.write_bytes(b"\x00\xff binary s3://k:v@b")  # not text: uploaded byte for byte
     with mlflow.start_run(experiment_id=exp) as run:
         tr = Tracker(run)
         tr.log_params({"store.password": "hunter2", "uri": USERINFO, "lr": 0.1})
         tr.set_tags({"source": TOKEN_URL})
         tr.log_text(f"best from {USERINFO}", "best.txt")
         tr.log_artifact(str(notes))
+        tr.log_artifact(str(binary))
     client = mlflow.MlflowClient(uri)
     got = client.get_run(run.info.run_id)
     assert got.data.params == {"store.password": "***", "uri": "s3://***@bucket/ctx.npy", "lr": "0.1"}
@@ -267,6 +266,8 @@ def test_tracker_redacts_params_tags_text_and_text_artifacts(tmp_path, monkeypat
     texts = [Path(client.download_artifacts(run.info.run_id, n, str(tmp_path / "dl"))).read_text()
              for n in ("best.txt", "notes.txt")]
     assert texts[0] == "best from s3://***@bucket/ctx.npy" and "secret_key=***" in texts[1]
+    assert Path(client.download_artifacts(run.info.run_id, "blob.bin", str(tmp_path / "dl"))).read_bytes() == \
+        b"\x00\xff binary s3://k:v@b"
     hint = mlflow_ui_hint("https://synray:Us3r/1nfo@Secret:x@mlflow.example:5000")
     assert hint == "MLflow runs: open https://***@mlflow.example:5000"
 
