@@ -20,6 +20,7 @@ from typing import Any
 
 from synray.config.quickstart import QuickstartConfig
 from synray.jobs import JobContext, Need, Outcome, load_job, run_job
+from synray.redact import redact_text
 
 ASSET_FILES = ("teacher.pt", "generator.json", "unet.ckpt", "vq_decoder.pt")
 #: ``--tiny``: CI size (about 3 minutes on 2 cores with the shipped assets; a tiny ``--rebuild-assets`` adds 3)
@@ -209,7 +210,7 @@ def run(cfg: QuickstartConfig, ctx: JobContext) -> Outcome:
     result: dict[str, Any] = {
         "real": real.verification, "synthetic": synthetic.verification,
         "images_generated": synth_summary["images_written"], "images_per_second": synth_summary["images_per_second"],
-        "mlflow": uri,
+        "mlflow": redact_text(uri),  # results.json leaves the process: no credentials
     }
     if cfg.distill.enabled:
         distilled = distill_real_assets(cfg, bins, tracking)

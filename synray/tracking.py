@@ -2,7 +2,8 @@
 
 The store is ``tracking.uri`` from the config, else ``$MLFLOW_TRACKING_URI``, else SQLite under the
 job's working directory (``./mlruns/mlflow.db``), so a laptop run leaves a browsable store with no
-server. Params are the flattened, secret-redacted resolved config.
+server. Params are the flattened resolved config. Everything a Tracker sends (params, tags, text and
+text-file artifacts) goes through :mod:`synray.redact`.
 
 * :func:`job_run` opens a job's run (a child run when another job's run is open: quickstart, study);
 * :func:`TrainMetricsToMLflow` is a Ray Train controller callback that logs rank 0's reports to the
@@ -23,8 +24,12 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from synray.config import TrackingConfig, redact, to_yaml
+from synray.config import TrackingConfig, to_yaml
 from synray.config.base import flatten
+from synray.redact import redact, redact_text
+
+#: artifacts logged from files with these suffixes are text: they are redacted on the way out
+TEXT_SUFFIXES = (".txt", ".json", ".yaml", ".yml", ".log", ".md", ".csv")
 
 
 def default_tracking_uri(workdir: str | os.PathLike | None = None) -> str:
@@ -83,19 +88,30 @@ class Tracker:
         if self.run is not None:
             import mlflow
 
-            mlflow.log_artifact(path, artifact_path)
+            if not path.lower().endswith(TEXT_SUFFIXES):
+                mlflow.log_artifact(path, artifact_path)
+                return
+            import tempfile
+
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                text = redact_text(fh.read())
+            with tempfile.TemporaryDirectory() as tmp:
+                copy = os.path.join(tmp, os.path.basename(path))
+                with open(copy, "w", encoding="utf-8") as fh:
+                    fh.write(text)
+                mlflow.log_artifact(copy, artifact_path)
 
     def log_text(self, text: str, name: str) -> None:
         if self.run is not None:
             import mlflow
 
-            mlflow.log_text(text, name)
+            mlflow.log_text(redact_text(text), name)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         if self.run is not None:
             import mlflow
 
-            mlflow.set_tags(dict(tags))
+            mlflow.set_tags({k: redact(v, k) if isinstance(v, str) else v for k, v in tags.items()})
 
 
 @contextmanager
@@ -118,7 +134,8 @@ def job_run(
     exp_id = ensure_experiment(uri, tracking.experiment)
     # A job started inside another job's run (quickstart, sweeps) becomes its child run.
     nested = nested or mlflow.active_run() is not None
-    with mlflow.start_run(experiment_id=exp_id, run_name=tracking.run_name or job, nested=nested) as run:
+    run_name = redact_text(tracking.run_name or job)
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, nested=nested) as run:
         tracker = Tracker(run, uri)
         tracker.set_tags({"synray.job": job, **(tags or {})})
         params = flatten(redact(cfg.model_dump(mode="json")))
@@ -128,7 +145,8 @@ def job_run(
 
 
 def mlflow_ui_hint(uri: str) -> str:
-    """One line telling a user how to browse the runs."""
+    """One line telling a user how to browse the runs (credentials in the URI masked)."""
+    uri = redact_text(uri)
     if uri.startswith(("http://", "https://")):
         return f"MLflow runs: open {uri}"
     return f"MLflow runs: mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)"

@@ -1,7 +1,7 @@
 """Config plumbing shared by every job.
 
 Configs are pydantic models with ``extra="forbid"`` so that a typo is an error, validated before any
-Ray work starts. Errors name the dotted key (``train.lr``) and the offending value.
+Ray work starts. Errors name the dotted key (``train.lr``) and the offending value (secrets masked).
 """
 
 from __future__ import annotations
@@ -9,23 +9,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from synray.config.paths import TrackingURI, URI
+from synray.config.paths import URI, TrackingURI
 from synray.errors import UserError
+from synray.redact import MASK, is_secret_key, redact, redact_text
 
 T = TypeVar("T", bound=BaseModel)
 
-_SECRET = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key)", re.I)
-_URI_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
-
 
 class ConfigError(UserError, ValueError):
-    """A config file or override is unreadable, has an unknown key, or a bad value."""
+    """A config file or override is unreadable, has an unknown key, or a bad value.
+
+    The message is redacted: config errors echo input values, and they end up on consoles and in job logs.
+    """
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(redact_text(str(message)))
 
 
 class StrictModel(BaseModel):
@@ -42,7 +45,6 @@ class OutputConfig(StrictModel):
     """
 
     uri: URI = Field("outputs/run", min_length=1)
-    overwrite: bool = False
     shared: bool = False
 
 
@@ -89,6 +91,13 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong and where, without the snippet of the input PyYAML quotes (it may hold a secret)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(exc, 'problem', None) or type(exc).__name__}{where}"
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
     """Apply ``a.b=value`` overrides; values are parsed as YAML (numbers, bools, lists, null)."""
     for item in overrides or []:
@@ -101,7 +110,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override '{item}': cannot parse value: {exc}") from exc
+            raise ConfigError(f"override '{item}': cannot parse value: {_yaml_problem(exc)}") from None
         set_dotted(data, key, value)
     return data
 
@@ -113,7 +122,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+            got = MASK if is_secret_key(key) else redact_text(repr(redact(e.get("input"))))
+            lines.append(f"  {key}: {e['msg']} (got {got})")
     return "\n".join(lines)
 
 
@@ -133,7 +143,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -146,19 +156,6 @@ def load_config(path: str | os.PathLike | None, schema: type[T], overrides: list
     data = read_yaml(path) if path is not None else {}
     apply_overrides(data, overrides)
     return validate(schema, data, os.fspath(path) if path is not None else "<overrides>")
-
-
-def redact(value: Any, key: str = "") -> Any:
-    """Copy of a plain config structure with secret-looking keys and URI credentials masked."""
-    if isinstance(value, dict):
-        return {k: redact(v, str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v, key) for v in value]
-    if key and _SECRET.search(key) and value not in (None, ""):
-        return "***"
-    if isinstance(value, str):
-        return _URI_USERINFO.sub(r"\g<scheme>***@", value)
-    return value
 
 
 def to_yaml(cfg: BaseModel) -> str:

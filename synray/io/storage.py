@@ -2,6 +2,12 @@
 
 Endpoints, regions and credentials come from the standard AWS environment (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, instance profiles, ...), never from configs that get logged.
+Credentials never travel in pickled objects: S3 filesystems and clients are built without explicit keys,
+so each process resolves them through the AWS default credential chain where it uses them (and
+temporary credentials are refreshed by that chain, not frozen into a cached object). A pickled
+:class:`Location` or filesystem (Ray task arguments, Tune's state on storage) carries only the endpoint
+and region.
+
 Writes are atomic: a temp file plus rename locally, and a single upload on S3 (an object becomes
 visible only once its upload completes), so a file that exists is complete.
 """
@@ -15,11 +21,22 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import pyarrow.fs as pafs
+
 from synray.errors import UserError
+from synray.redact import redact_text
+
+#: the reachability probe of :func:`check_writable` answers in seconds, not after boto's default retries
+#: (60 s connect and read timeouts, several attempts: minutes for an unreachable endpoint)
+PROBE_CONNECT_TIMEOUT_S = 5.0
+PROBE_READ_TIMEOUT_S = 20.0
+PROBE_ATTEMPTS = 2
 
 
 class StorageError(UserError, OSError):
-    """A storage URI cannot be reached, read or written."""
+    """A storage URI cannot be reached, read or written (the message has URI credentials masked)."""
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(redact_text(str(message)))
 
 
 def is_s3(uri: str) -> bool:
@@ -35,16 +52,22 @@ def join(uri: str, *parts: str) -> str:
 
 @lru_cache(maxsize=8)
 def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    """An S3 filesystem on the AWS default credential chain: it holds (and pickles) no keys.
+
+    Cached per endpoint and region only; the credential chain inside re-reads the environment and
+    refreshes temporary credentials itself.
+    """
     kwargs: dict = {}
     if endpoint:
         scheme = "http" if endpoint.startswith("http://") else "https"
         kwargs.update(endpoint_override=endpoint.split("://", 1)[-1], scheme=scheme)
     if region:
         kwargs["region"] = region
-    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if key and secret:
-        kwargs.update(access_key=key, secret_key=secret, session_token=os.environ.get("AWS_SESSION_TOKEN"))
     return pafs.S3FileSystem(**kwargs)
+
+
+def _s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
 def _s3_client():
@@ -67,7 +90,7 @@ def resolve(uri: str) -> Location:
     if not uri:
         raise StorageError("empty storage URI")
     if is_s3(uri):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = _s3_endpoint()
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         path = uri[5:].strip("/")
         if not path:
@@ -157,8 +180,39 @@ def delete(uri: str) -> None:
         raise _wrap(uri, "delete", exc) from exc
 
 
+def _probe_client():
+    """A boto3 S3 client with bounded timeouts and attempts, for the first contact with an endpoint."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", config=Config(
+        connect_timeout=PROBE_CONNECT_TIMEOUT_S, read_timeout=PROBE_READ_TIMEOUT_S,
+        retries={"total_max_attempts": PROBE_ATTEMPTS, "mode": "standard"}))
+
+
 def check_writable(uri: str) -> None:
-    """Fail fast (before any Ray work) when the output location cannot be written."""
+    """Fail fast (before any Ray work) when the output location cannot be written.
+
+    On S3 the probe object is written and deleted with bounded timeouts and attempts, so an endpoint
+    that refuses connections or never answers is reported within seconds as "unreachable storage".
+    """
     probe = join(uri, f".synray-probe-{uuid.uuid4().hex[:8]}")
-    write_bytes_atomic(probe, b"ok")
-    delete(probe)
+    if not is_s3(uri):
+        write_bytes_atomic(probe, b"ok")
+        delete(probe)
+        return
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError
+
+    bucket, _, key = resolve(probe).path.partition("/")
+    client = _probe_client()
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=b"ok")
+        client.delete_object(Bucket=bucket, Key=key)
+    except (BotoConnectionError, HTTPClientError) as exc:
+        where = _s3_endpoint() or "the AWS S3 endpoint"
+        raise StorageError(f"unreachable storage: {where} did not answer for {uri} "
+                           f"({PROBE_ATTEMPTS} attempts, {PROBE_CONNECT_TIMEOUT_S:g} s connect / "
+                           f"{PROBE_READ_TIMEOUT_S:g} s read timeout): {exc}") from exc
+    except Exception as exc:
+        raise _wrap(uri, "write", exc) from exc

@@ -14,13 +14,19 @@
   full job config (``best_config.yaml``) are logged to the parent and printed.
 * Re-running a sweep with the same ``output.uri`` and ``name`` calls ``Tuner.restore``: finished trials
   are kept, unfinished and errored ones resume from their last checkpoint, under the same parent run.
+  Restoring unpickles Tune's state from that folder, so it happens only when the folder holds the marker
+  (``synray_sweep.json``: sweep name, config hash, random id) that this sweep wrote when it created the
+  experiment, and the marker matches the sweep's name and config.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,17 +34,20 @@ from typing import Any
 
 import yaml
 
-from synray.config.base import ConfigError, apply_overrides, read_yaml, set_dotted, validate
+from synray.config.base import ConfigError, apply_overrides, config_hash, read_yaml, set_dotted, validate
 from synray.config.sweep import SweepConfig
 from synray.io import storage
 from synray.jobs import JobContext, Need, Outcome
+from synray.redact import redact, redact_text
 from synray.tracking import PARENT_TAG, Tracker, close_orphans, ensure_experiment, job_run, numeric_metrics, resolve_tracking_uri
 from synray.training.runner import Callback, tune_hooks
 
 __all__ = ["SweepOutcome", "load_target", "trial_config", "param_space", "check", "needs", "run", "distill_trainable",
-           "ldm_trainable", "PARENT_FILE"]
+           "ldm_trainable", "best_config_yaml", "PARENT_FILE", "OWNER_FILE", "sweep_identity", "write_owner_marker",
+           "check_owner_marker"]
 
 PARENT_FILE = "synray_parent_run.json"
+OWNER_FILE = "synray_sweep.json"
 
 
 def _schema(target: str):
@@ -78,6 +87,11 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], target: str):
     for key, value in params.items():
         set_dotted(data, key, value)
     return _schema(target).model_validate(data)
+
+
+def best_config_yaml(base: dict[str, Any], params: dict[str, Any], target: str) -> str:
+    """A trial's full job config as YAML, redacted: it goes to MLflow, to storage and to stdout."""
+    return yaml.safe_dump(redact(trial_config(base, params, target).model_dump(mode="json")), sort_keys=False)
 
 
 def param_space(cfg: SweepConfig) -> dict[str, Any]:
@@ -129,6 +143,45 @@ def ldm_trainable(config: dict, *, base: dict, latents: dict, objective: dict, t
     ldm_loop(cfg, tune_hooks(callbacks), latents=latents, score=score)
 
 
+_RUN_SETTINGS = {"resume", "ray", "tracking", "output", "trial_resources", "max_concurrent_trials",
+                 "trial_max_failures", "num_to_keep", "base", "overrides"}
+
+
+def sweep_identity(cfg: SweepConfig, base: dict[str, Any]) -> dict[str, str]:
+    """Name and content hash of the experiment: the searched space, scheduler, metric and the resolved target config."""
+    content = json.dumps([config_hash(cfg, exclude=_RUN_SETTINGS), base], sort_keys=True, default=str)
+    return {"sweep": cfg.name, "config_hash": hashlib.sha256(content.encode()).hexdigest()[:16]}
+
+
+def write_owner_marker(exp_uri: str, identity: dict[str, str]) -> dict[str, str]:
+    """Mark ``exp_uri`` as created by this sweep (written when the experiment is created, before any trial)."""
+    marker = {**identity, "id": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    storage.write_bytes_atomic(storage.join(exp_uri, OWNER_FILE), json.dumps(marker, indent=2).encode())
+    return marker
+
+
+def check_owner_marker(exp_uri: str, identity: dict[str, str]) -> dict[str, str]:
+    """The marker of the experiment in ``exp_uri`` if it was created by this sweep; else a ConfigError saying why."""
+    where = storage.join(exp_uri, OWNER_FILE)
+    hint = ("Tune restores a sweep by unpickling the files in that folder, so synray restores only an experiment "
+            "this sweep created there; give the sweep another name or output.uri, or set resume=false to start "
+            "a new experiment in that folder")
+    if not storage.exists(where):
+        raise ConfigError(f"refusing to restore sweep {identity['sweep']!r} from {exp_uri}: it has a Tune experiment "
+                          f"but no {OWNER_FILE} (not created by this sweep). {hint}")
+    try:
+        marker = json.loads(storage.read_bytes(where))
+        if not isinstance(marker, dict) or not isinstance(marker.get("id"), str):
+            raise ValueError("not a synray sweep marker")
+    except ValueError as exc:
+        raise ConfigError(f"refusing to restore sweep {identity['sweep']!r}: {where} is unreadable ({exc}). {hint}") from None
+    for key, want in identity.items():
+        if marker.get(key) != want:
+            raise ConfigError(f"refusing to restore sweep {identity['sweep']!r} from {exp_uri}: the experiment there "
+                              f"has {key} {marker.get(key)!r}, this sweep {want!r} (a different sweep or config). {hint}")
+    return marker
+
+
 # --------------------------------------------------------------------------------------------
 # driver
 
@@ -152,7 +205,7 @@ class SweepOutcome(Outcome):
         if self.best_params is not None:
             lines.append(f"[synray sweep] best {self.metric} = {self.best_metric:.6g} with {json.dumps(self.best_params)}")
         lines += [f"[synray sweep] errored trial {e} (re-run the sweep to resume it)" for e in self.errors]
-        return "\n".join(lines + ([self.best_config] if self.best_config else []))
+        return redact_text("\n".join(lines + ([self.best_config] if self.best_config else [])))
 
 
 def _max_reports(cfg: SweepConfig, base: dict[str, Any]) -> int:
@@ -180,13 +233,24 @@ def tracking_run(cfg: SweepConfig) -> Iterator[Tracker]:
             yield Tracker(run, uri)
         return
     with job_run(cfg, "sweep", tags={"synray.sweep": cfg.name}) as tracker:
-        storage.write_bytes_atomic(marker, json.dumps({"run_id": tracker.run_id, "tracking_uri": uri}).encode())
+        storage.write_bytes_atomic(marker, json.dumps({"run_id": tracker.run_id,
+                                                       "tracking_uri": redact_text(uri)}).encode())
         yield tracker
 
 
+def _restorable(cfg: SweepConfig) -> bool:
+    from ray import tune
+
+    exp = storage.resolve(storage.join(cfg.output.uri, cfg.name))
+    return bool(cfg.resume) and tune.Tuner.can_restore(exp.path, storage_filesystem=exp.fs)
+
+
 def check(cfg: SweepConfig) -> None:
-    """The target config with every searched value, and the target job's own checks, before Ray starts."""
+    """Before Ray starts: the target config with every searched value, the target job's own checks, and
+    that an experiment to restore was created by this sweep."""
     base = load_target(cfg)
+    if _restorable(cfg):
+        check_owner_marker(storage.join(cfg.output.uri, cfg.name), sweep_identity(cfg, base))
     target = trial_config(base, {}, cfg.target)
     if cfg.target == "distill":
         from synray.distill.loop import check as check_distill
@@ -227,7 +291,12 @@ def run(cfg: SweepConfig, ctx: JobContext) -> SweepOutcome:
     tracker = ctx.tracker
     exp_uri = storage.join(cfg.output.uri, cfg.name)
     loc, exp_loc = storage.resolve(cfg.output.uri), storage.resolve(exp_uri)
-    restored = bool(cfg.resume) and tune.Tuner.can_restore(exp_loc.path, storage_filesystem=exp_loc.fs)
+    restored = _restorable(cfg)
+    identity = sweep_identity(cfg, base)
+    if restored:
+        check_owner_marker(exp_uri, identity)
+    else:
+        write_owner_marker(exp_uri, identity)
     if restored and tracker.run_id:
         close_orphans(tracker.uri, cfg.tracking.experiment, tracker.run_id)
     if restored:
@@ -260,11 +329,10 @@ def run(cfg: SweepConfig, ctx: JobContext) -> SweepOutcome:
     trials, errors = [], []
     for r in results:
         params = {k: r.config.get(k) for k in cfg.space}
-        trials.append({"params": params, "metrics": numeric_metrics(r.metrics or {}),
-                       "error": None if r.error is None else str(r.error).splitlines()[0][:300],
-                       "path": r.path})
-        if r.error is not None:
-            errors.append(f"{params}: {str(r.error).splitlines()[0][:300]}")
+        error = None if r.error is None else redact_text(str(r.error).splitlines()[0][:300])
+        trials.append({"params": params, "metrics": numeric_metrics(r.metrics or {}), "error": error, "path": r.path})
+        if error is not None:
+            errors.append(f"{params}: {error}")
     outcome = SweepOutcome("sweep", exp_uri, {"trials": len(trials), "trials_errored": len(errors)}, metric=metric,
                            parent_run_id=tracker.run_id, restored=restored, trials=trials, errors=errors,
                            ok=not errors)
@@ -275,8 +343,7 @@ def run(cfg: SweepConfig, ctx: JobContext) -> SweepOutcome:
     if best is not None and best.metrics and metric in best.metrics:
         outcome.best_params = {k: best.config.get(k) for k in cfg.space}
         outcome.best_metric = float(best.metrics[metric])
-        outcome.best_config = yaml.safe_dump(trial_config(base, outcome.best_params, cfg.target).model_dump(mode="json"),
-                                             sort_keys=False)
+        outcome.best_config = best_config_yaml(base, outcome.best_params, cfg.target)
         # tags, not params: a resumed sweep may find another best, and MLflow params are write-once
         tracker.set_tags({**{f"best.{k}": json.dumps(v) for k, v in outcome.best_params.items()},
                           "synray.best_trial": os.path.basename(best.path or "")})
