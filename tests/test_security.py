@@ -279,7 +279,7 @@ def _sweep_cfg(tmp_path, *extra: str) -> SweepConfig:
 
 
 def test_sweep_best_config_and_parent_run_file_hold_no_secret(tmp_path, mlflow_server):
-    from synray.tuning.sweep import PARENT_FILE, _parent_run, best_config_yaml, load_target
+    from synray.tuning.sweep import PARENT_FILE, best_config_yaml, load_target, tracking_run
 
     port = mlflow_server.rsplit(":", 1)[1]
     tracking = f"http://synray:hunter2%2FUs3r@127.0.0.1:{port}"  # basic-auth userinfo (the server ignores it)
@@ -289,7 +289,7 @@ def test_sweep_best_config_and_parent_run_file_hold_no_secret(tmp_path, mlflow_s
     best = best_config_yaml(base, {"resampling_coef": 2.0}, "distill")
     assert "resampling_coef: 2.0" in best and "teacher: s3://***@bucket/ctx.npy" in best and not _leaks(best)
     exp_uri = str(tmp_path / "sweeps" / cfg.name)
-    with _parent_run(cfg, exp_uri, str(tmp_path)) as tracker:
+    with tracking_run(cfg) as tracker:
         assert tracker.run_id
     parent = json.loads((Path(exp_uri) / PARENT_FILE).read_text())
     assert parent == {"run_id": tracker.run_id, "tracking_uri": f"http://***@127.0.0.1:{port}"}
@@ -306,8 +306,7 @@ def test_sweep_identity_follows_the_experiment_not_run_settings(tmp_path):
 
     cfg = _sweep_cfg(tmp_path)
     ident = sweep_identity(cfg, load_target(cfg))
-    same = _sweep_cfg(tmp_path, "resume=false", "trial_max_failures=3", "tracking.experiment=other",
-                      f"fault_injection={{after_reports: 1, marker: {tmp_path}/m}}")
+    same = _sweep_cfg(tmp_path, "resume=false", "trial_max_failures=3", "tracking.experiment=other")
     assert sweep_identity(same, load_target(same)) == ident
     for change in ("space={resampling_coef: {grid: [0.0, 1.0]}}", "metric=val/loss", "name=other",
                    f"overrides=[epochs=3, teacher={tmp_path}/teacher.pt]"):
@@ -324,7 +323,7 @@ class _TouchOnLoad:
 
 
 def test_sweep_refuses_to_restore_a_foreign_experiment(tmp_path):
-    from synray.tuning.sweep import OWNER_FILE, check_owner_marker, load_target, run_sweep, sweep_identity, write_owner_marker
+    from synray.tuning.sweep import OWNER_FILE, check, check_owner_marker, load_target, sweep_identity, write_owner_marker
 
     cfg = _sweep_cfg(tmp_path)
     exp = tmp_path / "sweeps" / cfg.name
@@ -332,13 +331,13 @@ def test_sweep_refuses_to_restore_a_foreign_experiment(tmp_path):
     ran = tmp_path / "payload-ran"
     (exp / "tuner.pkl").write_bytes(pickle.dumps(_TouchOnLoad(ran)))  # what Tuner.restore would unpickle
     with pytest.raises(ConfigError, match=f"refusing to restore sweep 'world_distill_coef'.*no {OWNER_FILE}"):
-        run_sweep(cfg, workdir=str(tmp_path))
+        check(cfg)
     assert not ran.exists()
 
     other = _sweep_cfg(tmp_path, "space={resampling_coef: {grid: [0.0, 1.0]}}")
     write_owner_marker(str(exp), sweep_identity(other, load_target(other)))  # made by another sweep config
     with pytest.raises(ConfigError, match=r"has config_hash .* \(a different sweep or config\)"):
-        run_sweep(cfg, workdir=str(tmp_path))
+        check(cfg)
     assert not ran.exists()
     (exp / OWNER_FILE).write_text("[]")
     with pytest.raises(ConfigError, match="unreadable"):
