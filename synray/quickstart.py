@@ -236,7 +236,7 @@ def run_quickstart(cfg: QuickstartConfig, rebuild_assets: bool = False, distill:
             tracker.log_metrics({f"{label}/{k}": x["accuracy"] for k, x in (v or {}).items()})
         tracker.log_metrics({"images_generated": result["images_generated"], "images_per_second": result["images_per_second"],
                              "seconds": result["seconds"]})
-        grid = os.path.join(synth_uri, "samples.png")
+        grid = os.path.join(synth_uri, "_samples.png")
         if os.path.exists(grid):
             tracker.log_artifact(grid)
         with open(os.path.join(cfg.output, "results.json"), "w") as fh:

@@ -125,7 +125,8 @@ def list_images(cfg: LDMConfig) -> ImageItems:
         for unit, uri in shards.items():
             t = read_shard(uri).select(["identity"])
             ident = t.column("identity").to_numpy()
-            names += [f"{posixpath.basename(uri)}#{r}" for r in range(len(ident))]
+            rel = uri[len(d.path.rstrip("/")):].lstrip("/")  # data/part-N.parquet (or part-N.parquet: old layout)
+            names += [f"{rel}#{r}" for r in range(len(ident))]
             ids_list.append(ident)
         identities = np.concatenate(ids_list).astype(np.int64)
     if d.max_images is not None:
