@@ -74,7 +74,7 @@ def _seed(*parts: int) -> int:
 
 @dataclass
 class ImageItems:
-    """The training images in canonical order: ``names`` (relative paths, or ``part-N.parquet#row``)."""
+    """The training images in canonical order: ``names`` (relative paths, or ``data/part-N.parquet#row``)."""
 
     source: str
     root: str
