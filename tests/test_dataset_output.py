@@ -101,7 +101,7 @@ def test_ray_data_reads_the_output_and_training_names_a_corrupt_row(ray_session,
         shards.write_shard(bad, unit, {"image": images, "identity": [2 * unit, 2 * unit, 2 * unit + 1, 2 * unit + 1],
                                        "sample": [0, 1, 0, 1], "kind": ["generated"] * 4, "seed": [0, 1, 2, 3],
                                        "height": [8] * 4, "width": [8] * 4})
-    shards.mark_complete(bad, shards.write_manifest(bad))
+    shards.finish_dataset(bad)
     ds = build_dataset(dataset_info(bad), image_size=(8, 8), shuffle="none", batch_size=8, num_cpus=0.5)
     with pytest.raises(Exception, match=r"data/part-000001\.parquet row 2 \(identity 3, sample 0\)"):
         ds.take_all()

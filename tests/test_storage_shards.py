@@ -71,7 +71,7 @@ def test_roundtrip_bit_exact(dataset_uri):
 def test_read_dataset_through_ray(ray_session, dataset_uri):
     for unit in (0, 1):
         shards.write_shard(dataset_uri, unit, make_columns(unit)[0])
-    shards.mark_complete(dataset_uri, shards.write_manifest(dataset_uri))
+    shards.finish_dataset(dataset_uri)
     ds = shards.read_dataset(dataset_uri, columns=["identity", "sample", "image"])
     rows = ds.take_all()
     assert sorted((r["identity"], r["sample"]) for r in rows) == sorted(

@@ -382,6 +382,14 @@ def mark_complete(dataset_uri: str, manifest: Mapping[str, Any]) -> None:
     storage.write_bytes_atomic(storage.join(dataset_uri, SUCCESS), json.dumps(marker).encode())
 
 
+def finish_dataset(dataset_uri: str, extra: Mapping[str, Any] | None = None, *, expected_units: Sequence[int] | None = None,
+                   config_hash: str | None = None) -> dict[str, Any]:
+    """Manifest, then ``_SUCCESS``: what a writer other than the synthesis job (tests, tools) calls when done."""
+    manifest = write_manifest(dataset_uri, extra, expected_units=expected_units, config_hash=config_hash)
+    mark_complete(dataset_uri, manifest)
+    return manifest
+
+
 def mark_incomplete(dataset_uri: str) -> None:
     """Remove ``_SUCCESS`` before a job changes the dataset, so that no reader takes it as finished meanwhile."""
     storage.delete(storage.join(dataset_uri, SUCCESS))
