@@ -52,7 +52,8 @@ def test_pyarrow_pandas_and_duckdb_read_the_shards_folder(output):
     assert con.execute(f"SELECT count(DISTINCT identity) FROM '{data}/*.parquet'").fetchone()[0] == 6
 
 
-def test_hugging_face_datasets_loads_the_output_with_images(output, tmp_path):
+def test_hugging_face_datasets_loads_the_output_with_images(output, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a local folder: nothing to fetch (read when datasets is imported)
     import datasets
 
     out, rows = output
