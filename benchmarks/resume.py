@@ -87,7 +87,7 @@ def main() -> None:
     p = parser(__doc__)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--real", action="store_true", help="make the finished job through Ray Data first")
-    g.add_argument("--dataset", default=None, help="time the re-run of this finished job (its config.yaml is used)")
+    g.add_argument("--dataset", default=None, help="time the re-run of this finished job (its _config.yaml is used)")
     p.add_argument("--keep", action="store_true", help="keep the job written here")
     args = p.parse_args()
     setup(args)
@@ -101,7 +101,7 @@ def main() -> None:
     made: dict = {}
     if args.dataset:
         uri = args.dataset
-        cfg = load_config(str(Path(uri) / "config.yaml"), SynthConfig, ["tracking.enabled=false", "ray.quiet=true"])
+        cfg = load_config(str(Path(uri) / "_config.yaml"), SynthConfig, ["tracking.enabled=false", "ray.quiet=true"])
     else:
         ids = 500 if args.quick else 5000
         uri = str(root / f"job{ids * IMAGES_PER_IDENTITY}")

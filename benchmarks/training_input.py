@@ -47,7 +47,7 @@ def write_shards(uri: Path, rows: int, unique: int = 256, per_shard: int = 1000,
     """``rows`` world faces at 112 px in shards of ``per_shard``; ``unique`` renders are re-used (the
     loader's work per row does not depend on which face it decodes)."""
     from synray.io.images import encode_image
-    from synray.io.shards import write_shard
+    from synray.io.shards import finish_dataset, write_shard
     from synray.world.world import World
 
     if uri.exists():
@@ -60,6 +60,7 @@ def write_shards(uri: Path, rows: int, unique: int = 256, per_shard: int = 1000,
             "image": [pngs[k % unique] for k in idx], "identity": (idx % identities).tolist(),
             "sample": (idx // identities).tolist(), "kind": ["generated"] * len(idx), "seed": [0] * len(idx),
             "height": [112] * len(idx), "width": [112] * len(idx)}, {"generator": "world"})
+    finish_dataset(str(uri))
 
 
 def train_config(name: str, data: Path, out: Path, device: str, extra=()):

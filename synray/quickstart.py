@@ -226,7 +226,7 @@ def run(cfg: QuickstartConfig, ctx: JobContext) -> Outcome:
         tracker.log_metrics({f"{label}/{k}": x["accuracy"] for k, x in (v or {}).items()})
     tracker.log_metrics({"images_generated": result["images_generated"], "images_per_second": result["images_per_second"],
                          "seconds": result["seconds"]})
-    grid = os.path.join(synth_uri, "samples.png")
+    grid = os.path.join(synth_uri, "_samples.png")
     if os.path.exists(grid):
         tracker.log_artifact(grid)
     results_path = os.path.join(cfg.output, "results.json")

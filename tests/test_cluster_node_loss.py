@@ -73,10 +73,10 @@ def _node_loss_scenario(tmp: str) -> None:
     run_local(synth_config(clean))
     # Units 0..SEEDED-1 count as finished by an earlier submission: they must be skipped, not redone.
     out = os.path.join(tmp, "dataset")
-    os.makedirs(out)
+    os.makedirs(shards.data_uri(out))
     for unit in range(SEEDED):
-        shutil.copy2(os.path.join(clean, shards.shard_name(unit)), out)
-    seeded = {u: _identity(os.path.join(out, shards.shard_name(u))) for u in range(SEEDED)}
+        shutil.copy2(shards.shard_uri(clean, unit), shards.data_uri(out))
+    seeded = {u: _identity(shards.shard_uri(out, u)) for u in range(SEEDED)}
     cfg = synth_config(out)
     t_clean = time.time() - t0
 
@@ -156,7 +156,7 @@ def _node_loss_scenario(tmp: str) -> None:
 
     # Finished units were never rewritten (same file, same modification time).
     for unit, ident in seeded.items():
-        assert _identity(os.path.join(out, shards.shard_name(unit))) == ident, f"finished unit {unit} was rewritten"
+        assert _identity(shards.shard_uri(out, unit)) == ident, f"finished unit {unit} was rewritten"
 
     # Every unit exactly once; every identity in exactly one shard with all of its samples.
     found = shards.list_shards(out)
@@ -177,11 +177,12 @@ def _node_loss_scenario(tmp: str) -> None:
     # ... and row for row, byte for byte, what the uninterrupted run wrote.
     for unit, uri in found.items():
         ours = shards.read_shard(uri).select(COLUMNS)
-        theirs = shards.read_shard(os.path.join(clean, shards.shard_name(unit))).select(COLUMNS)
+        theirs = shards.read_shard(shards.shard_uri(clean, unit)).select(COLUMNS)
         assert ours.equals(theirs), f"unit {unit} differs from a clean run"
     # A writer killed mid-write may leave a hidden temp file, never a visible partial shard.
-    visible = {n for n in os.listdir(out) if not n.startswith(".")}
-    assert visible - shards.SIDE_FILES == {shards.shard_name(u) for u in range(UNITS)}
+    visible = {n for n in os.listdir(shards.data_uri(out)) if not n.startswith(".")}
+    assert visible == {shards.shard_name(u) for u in range(UNITS)}
+    assert {n for n in os.listdir(out) if not n.startswith(".")} - shards.SIDE_FILES == {shards.DATA_DIR}
     print(f"node loss: removed at {loss['t']}s after {loss['new_units_done']}/{UNITS - SEEDED} new units "
           f"({loss['actors']} generation actor(s) on it); passes {passes}; clean run {t_clean:.1f}s, "
           f"cluster up {t_up:.1f}s, cluster part {t_cluster:.1f}s, total {time.time() - t0:.1f}s")

@@ -27,7 +27,7 @@ IDS, PER_ID, SIZE, EPOCHS = 32, 16, 32, 8
 
 def _world_shards(root: str) -> tuple[str, str]:
     from synray.io.images import encode_image
-    from synray.io.shards import write_shard
+    from synray.io.shards import finish_dataset, write_shard
     from synray.world.world import World
 
     world = World(seed=0, num_identities=IDS)
@@ -38,6 +38,7 @@ def _world_shards(root: str) -> tuple[str, str]:
         write_shard(uri, unit, {"image": [encode_image(world.render(i, j, size=SIZE)) for i, j in zip(ids, smp)],
                                 "identity": ids, "sample": smp, "kind": ["generated"] * len(ids), "seed": [0] * len(ids),
                                 "height": [SIZE] * len(ids), "width": [SIZE] * len(ids)}, {"generator": "world"})
+    finish_dataset(uri)
     bins = world.write_verification_bins(os.path.join(root, "bins"), num_pairs=100, size=SIZE, sets={"world-heldout": 1.0})
     return uri, str(bins["world-heldout"])
 

@@ -49,9 +49,9 @@ def test_roundtrip_bit_exact(dataset_uri):
         for (i, s), im in zip(zip(cols["identity"], cols["sample"]), raw):
             expected[(i, s)] = im
     assert list(shards.list_shards(dataset_uri)) == [0, 1, 2]
-    table = shards.read_shard(storage.join(dataset_uri, "part-000001.parquet"))
+    table = shards.read_shard(shards.shard_uri(dataset_uri, 1))
     assert table.schema.metadata[b"synray.schema_version"] == b"1"
-    meta = shards.shard_metadata(storage.join(dataset_uri, "part-000001.parquet"))
+    meta = shards.shard_metadata(shards.shard_uri(dataset_uri, 1))
     assert meta["generator"] == "test" and meta["unit"] == 1 and meta["stats"]["rows"] == 6
     got = 0
     for unit, uri in shards.list_shards(dataset_uri).items():
@@ -71,6 +71,7 @@ def test_roundtrip_bit_exact(dataset_uri):
 def test_read_dataset_through_ray(ray_session, dataset_uri):
     for unit in (0, 1):
         shards.write_shard(dataset_uri, unit, make_columns(unit)[0])
+    shards.finish_dataset(dataset_uri)
     ds = shards.read_dataset(dataset_uri, columns=["identity", "sample", "image"])
     rows = ds.take_all()
     assert sorted((r["identity"], r["sample"]) for r in rows) == sorted(
@@ -86,14 +87,14 @@ def test_foreign_and_corrupt_files_are_named(tmp_path):
     with pytest.raises(shards.ShardError, match="notes.txt"):
         shards.list_shards(ds)
     os.remove(tmp_path / "ds" / "notes.txt")
-    (tmp_path / "ds" / "part-000007.parquet").write_bytes(b"PAR1garbage")
+    (tmp_path / "ds" / "data" / "part-000007.parquet").write_bytes(b"PAR1garbage")
     with pytest.raises(shards.ShardError, match="part-000007.parquet"):
         shards.validate_dataset(ds)
-    os.remove(tmp_path / "ds" / "part-000007.parquet")
+    os.remove(tmp_path / "ds" / "data" / "part-000007.parquet")
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"x": [1]}), tmp_path / "ds" / "part-000008.parquet")
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "ds" / "data" / "part-000008.parquet")
     with pytest.raises(shards.ShardError, match="part-000008.parquet.*not a synray shard"):
         shards.validate_dataset(ds)
     with pytest.raises(shards.ShardError, match="unknown kind"):
@@ -173,7 +174,7 @@ def test_killed_writer_leaves_no_visible_shard(where, tmp_path, request):
     else:
         ds = str(tmp_path / "ds")
     shards.write_shard(ds, 0, make_columns(0)[0])
-    target = storage.join(ds, shards.shard_name(1))
+    target = shards.shard_uri(ds, 1)
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, target], stdout=subprocess.PIPE, text=True,
                             env={**os.environ})
     try:

@@ -181,8 +181,8 @@ def test_world_ray_equals_plain_loop(ray_session, tmp_path):
     run_synthesis(a)
     run_local(b)
     for unit in range(3):
-        ta = shards.read_shard(str(tmp_path / "ray" / shards.shard_name(unit))).to_pydict()
-        tb = shards.read_shard(str(tmp_path / "loop" / shards.shard_name(unit))).to_pydict()
+        ta = shards.read_shard(shards.shard_uri(str(tmp_path / "ray"), unit)).to_pydict()
+        tb = shards.read_shard(shards.shard_uri(str(tmp_path / "loop"), unit)).to_pydict()
         qa, qb = ta.pop("quality"), tb.pop("quality")
         assert ta == tb  # same identities, samples, seeds and encoded bytes
         assert np.isnan(qa).all() and np.isnan(qb).all()  # no embedder configured: not computed

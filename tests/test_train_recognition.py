@@ -17,7 +17,7 @@ from synray.config.train import TrainConfig
 from synray.evaluation.evaluate import evaluate_bins
 from synray.io import storage
 from synray.io.images import encode_image
-from synray.io.shards import write_shard
+from synray.io.shards import finish_dataset, write_shard
 from synray.jobs import run_job
 from synray.training.checkpointing import CheckpointReader
 from synray.training.recognition import Learner, plan_training
@@ -32,6 +32,7 @@ REAL_IDS = range(200, 232)  # other world identities standing in for a real-labe
 
 
 def _write_units(world: World, uri: str, identities, per_id: int, unit_size: int, mixed: bool = False) -> None:
+    """A complete dataset (shards, manifest, ``_SUCCESS``) of the given world identities."""
     identities = list(identities)
     for unit, start in enumerate(range(0, len(identities), unit_size)):
         ids = [i for i in identities[start:start + unit_size] for _ in range(per_id)]
@@ -44,6 +45,7 @@ def _write_units(world: World, uri: str, identities, per_id: int, unit_size: int
             cols["identity_b"] = [nxt[i] if j % 4 == 3 else -1 for i, j in zip(ids, smp)]
             cols["mix_weight"] = [0.8 if j % 4 == 3 else 1.0 for j in smp]
         write_shard(uri, unit, cols, {"generator": "world"})
+    finish_dataset(uri)
 
 
 @pytest.fixture(scope="module")

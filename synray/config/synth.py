@@ -97,7 +97,8 @@ class AlignmentConfig(StrictModel):
 
     mode: Literal["resize", "landmarks", "none"] = "resize"
     size: tuple[int, int] = (112, 112)
-    detector: Literal["retinaface", "world"] = "retinaface"
+    #: landmark detector for ``mode: landmarks``; the world generator renders aligned faces (use ``mode: none``)
+    detector: Literal["retinaface"] = "retinaface"
     num_cpus: float = Field(0.5, gt=0.0)
 
 

@@ -60,6 +60,8 @@ class DataConfig(StrictModel):
     decode_batch_size: int = Field(256, ge=1)
     decode_num_cpus: float = Field(1.0, gt=0.0)
     prefetch_batches: int = Field(2, ge=0)
+    #: train on a dataset without its completion marker or whose manifest disagrees with its shards
+    allow_incomplete: bool = False
 
 
 class AugmentConfig(StrictModel):

@@ -28,7 +28,7 @@ class LDMDataError(UserError, ValueError):
 
 @dataclass
 class ImageItems:
-    """The training images in canonical order: ``names`` (relative paths, or ``part-N.parquet#row``)."""
+    """The training images in canonical order: ``names`` (relative paths, or ``data/part-N.parquet#row``)."""
 
     source: str
     root: str
@@ -79,7 +79,8 @@ def list_images(cfg: LDMConfig) -> ImageItems:
         for unit, uri in shards.items():
             t = read_shard(uri).select(["identity"])
             ident = t.column("identity").to_numpy()
-            names += [f"{posixpath.basename(uri)}#{r}" for r in range(len(ident))]
+            rel = uri[len(d.path.rstrip("/")):].lstrip("/")  # data/part-N.parquet (or part-N.parquet: old layout)
+            names += [f"{rel}#{r}" for r in range(len(ident))]
             ids_list.append(ident)
         identities = np.concatenate(ids_list).astype(np.int64)
     if d.max_images is not None:

@@ -35,15 +35,30 @@ class Contexts:
     weight: np.ndarray
 
 
-def _normalize(v: np.ndarray) -> np.ndarray:
+def check_rows(vectors: np.ndarray, ids: np.ndarray, source: str) -> None:
+    """Refuse NaN/inf and all-zero context rows, naming the identities: they would make images of no one."""
+    v = np.asarray(vectors, dtype=np.float64).reshape(len(ids), -1)
+    nonfinite = ~np.isfinite(v).all(axis=1)
+    zero = ~nonfinite & ~(v != 0).any(axis=1)
+    problems = []
+    for mask, what in ((nonfinite, "NaN/inf values"), (zero, "all zeros")):
+        bad = [int(i) for i in np.asarray(ids)[mask]]
+        if bad:
+            more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+            problems.append(f"the context of identit{'y' if len(bad) == 1 else 'ies'} {bad[:5]}{more} holds {what}")
+    if problems:
+        raise ContextError(f"{source}: {'; '.join(problems)}")
+
+
+def _normalize(v: np.ndarray, ids: np.ndarray | None = None, source: str = "contexts") -> np.ndarray:
+    rows = np.atleast_2d(v)
+    check_rows(rows, np.arange(len(rows)) if ids is None else np.atleast_1d(ids), source)
     n = np.linalg.norm(v, axis=-1, keepdims=True)
-    if np.any(n == 0):
-        raise ContextError("a context vector has zero norm")
     return (v / n).astype(np.float32)
 
 
 def gaussian_candidate(seed: int, identity: int, dim: int, attempt: int = 0) -> np.ndarray:
-    return _normalize(rng(seed, identity, CONTEXT, attempt).standard_normal(dim))
+    return _normalize(rng(seed, identity, CONTEXT, attempt).standard_normal(dim), np.array([identity]))
 
 
 def gaussian(seed: int, ids: np.ndarray, dim: int) -> np.ndarray:
@@ -99,7 +114,7 @@ def from_table(table: np.ndarray, ids: np.ndarray, dim: int, source: str) -> np.
         raise ContextError(f"{source}: embeddings have dimension {table.shape[1]}, contexts.dim is {dim}")
     if len(ids) and int(ids.max()) >= len(table):
         raise ContextError(f"{source}: {len(table)} rows, but identity {int(ids.max())} was requested")
-    return _normalize(table[ids])
+    return _normalize(table[ids], ids, f"{source} (row = identity)")
 
 
 def mixup(seed: int, ids: np.ndarray, all_ids: np.ndarray, base: np.ndarray, phi: float) -> Contexts:
@@ -113,4 +128,4 @@ def mixup(seed: int, ids: np.ndarray, all_ids: np.ndarray, base: np.ndarray, phi
         j = j + 1 if j >= index[int(i)] else j  # any identity but i itself
         partners[n] = all_ids[j]
     vec = phi * base[[index[int(i)] for i in ids]] + (1 - phi) * base[[index[int(p)] for p in partners]]
-    return Contexts(ids, _normalize(vec), partners, np.full(len(ids), phi, np.float32))
+    return Contexts(ids, _normalize(vec, ids, "identity mixup"), partners, np.full(len(ids), phi, np.float32))

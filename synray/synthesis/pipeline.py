@@ -1,35 +1,115 @@
 """Synthesis on Ray Data: units -> (context faces) -> generation -> alignment -> finish -> shards.
 
 The Ray code here only wires the stages of :mod:`synray.synthesis.stages`. One row is one work unit,
-so a unit's images stay together and each unit becomes exactly one shard, written atomically. Re-running
-the same config skips units whose shard exists.
+so a unit's images stay together and each unit becomes exactly one shard, written atomically. A job
+holds a lease on its output (:mod:`synray.io.lease`) for as long as it runs; re-running the same
+config skips the units whose shard exists and checks out (footer, config hash, row count), rewrites
+unreadable ones, and refuses shards of another config. The manifest, the dataset card and
+``_SUCCESS`` are written last.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
+import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 
-from synray.config import ConfigError, config_hash, to_yaml
+from synray.config import ConfigError, to_yaml
 from synray.config.synth import SynthConfig
 from synray.errors import UserError
 from synray.io import shards, storage
+from synray.io.lease import OutputLease, acquire_lease
 from synray.jobs import JobContext, Need, Outcome
 from synray.synthesis import contexts as C
+from synray.synthesis.card import dataset_card
 from synray.synthesis.stages import AlignStage, ContextFaceStage, FinishStage, GenerateStage, WriteStage, preview_grid
+
+log = logging.getLogger(__name__)
 
 #: fields that change how fast a dataset is made, never what it contains
 NON_CONTENT = {"name": True, "output": True, "tracking": True, "ray": True, "local": True,
                "generator": {"batch_size", "num_gpus", "num_cpus", "min_actors", "max_actors"},
                "alignment": {"num_cpus"}}
 CONTEXT_FACE_SAMPLE = 10**6  # world sample index reserved for an identity's context face
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+_DIGESTS: dict[tuple[str, int, int | None], str] = {}
+
+
+def _embedder_file(spec: str) -> tuple[str, str]:
+    """``(kept prefix, file)`` of an embedder spec ``"<registry name>:<checkpoint>"`` or ``"<checkpoint>"``."""
+    from synray.models.registry import list_backbones
+
+    name, sep, path = spec.partition(":")
+    if sep and name in list_backbones():
+        return f"{name}:", path
+    return "", spec
+
+
+def input_files(cfg: SynthConfig) -> dict[str, tuple[str, str]]:
+    """``{dotted key: (kept prefix, file or folder)}`` of every input whose bytes shape the dataset."""
+    g, c = cfg.generator, cfg.contexts
+    files: dict[str, tuple[str, str]] = {}
+    if g.type == "ldm":
+        files["generator.unet"] = ("", g.unet)
+        files["generator.vq_decoder"] = ("", g.vq_decoder)
+    if g.type == "dcgan" and importlib.util.find_spec("gan_face_generate") is not None:
+        import importlib.resources as ir
+
+        files["generator.weights"] = ("", str(ir.files("gan_face_generate") / "weights.tar"))
+    if c.path and c.source in ("embeddings_file", "face_embeddings"):
+        files["contexts.path"] = ("", c.path)
+    if c.embedder and c.source == "face_embeddings":
+        files["contexts.embedder"] = _embedder_file(c.embedder)
+    if cfg.quality.embedder:
+        files["quality.embedder"] = _embedder_file(cfg.quality.embedder)
+    return files
+
+
+def file_digest(uri: str, key: str = "input") -> str:
+    """``sha256:<hex>`` of a file's bytes (streamed), or of a folder's image files and their names.
+
+    Cached per (file, size, modification time), so a repeated check in one process reads nothing.
+    """
+    loc = storage.resolve(uri)
+    try:
+        info = loc.fs.get_file_info(loc.path)
+    except Exception as exc:
+        raise storage.StorageError(f"{key}: cannot reach {uri}: {exc}") from exc
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{key}: {uri} does not exist")
+    if info.type == pafs.FileType.Directory:
+        h = hashlib.sha256()
+        entries = loc.fs.get_file_info(pafs.FileSelector(loc.path))
+        for e in sorted((e for e in entries if e.type == pafs.FileType.File and e.path.lower().endswith(IMAGE_EXTENSIONS)),
+                        key=lambda e: e.path):
+            name = e.path.rsplit("/", 1)[-1]
+            h.update(f"{name}\0{file_digest(storage.join(uri, name), key)}\n".encode())
+        return f"sha256:{h.hexdigest()}"
+    cache_key = (loc.uri, info.size, info.mtime_ns)
+    if cache_key not in _DIGESTS:
+        h = hashlib.sha256()
+        with loc.fs.open_input_stream(loc.path) as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+        _DIGESTS[cache_key] = f"sha256:{h.hexdigest()}"
+    return _DIGESTS[cache_key]
 
 
 def content_hash(cfg: SynthConfig) -> str:
-    return config_hash(cfg, exclude=NON_CONTENT)
+    """Hash of what determines the dataset: the content settings, and the bytes (not paths) of every input file."""
+    data = cfg.model_dump(mode="json", exclude=NON_CONTENT)
+    for key, (prefix, uri) in input_files(cfg).items():
+        section, name = key.split(".")
+        data[section][name] = prefix + file_digest(uri, key)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def units_of(cfg: SynthConfig) -> dict[int, np.ndarray]:
@@ -55,6 +135,9 @@ def check_config(cfg: SynthConfig) -> None:
         raise ValueError("quality.threshold needs quality.embedder")
     if cfg.generator.type == "world" and src == "mixup":
         raise ValueError("the world generator renders identities directly; identity mixup needs generator.type ldm or dcgan")
+    for key, (_, path) in input_files(cfg).items():
+        if not storage.exists(path):
+            raise ValueError(f"{key}: {path} does not exist")
 
 
 def _base_contexts(cfg: SynthConfig, all_ids: np.ndarray) -> np.ndarray:
@@ -108,6 +191,8 @@ def unit_rows(cfg: SynthConfig, units: dict[int, np.ndarray], only: list[int]) -
         else:
             ctx = base[[index[int(i)] for i in ids]]
             partner, weight = np.full(len(ids), -1, np.int64), np.ones(len(ids), np.float32)
+        if src != "face_embeddings":  # those are checked where the embedder computes them
+            C.check_rows(ctx, ids, f"contexts ({src})")
         row = {"unit": np.int64(u), "ids": ids, "contexts": ctx.astype(np.float32), "partner": partner, "weight": weight}
         if src == "face_embeddings":
             row["context_faces"] = context_faces(cfg, ids)
@@ -115,64 +200,125 @@ def unit_rows(cfg: SynthConfig, units: dict[int, np.ndarray], only: list[int]) -
     return rows
 
 
-def prepare_output(cfg: SynthConfig) -> tuple[str, list[int], dict[int, np.ndarray], dict[str, Any]]:
-    """Check storage and earlier shards; returns (uri, pending units, all units, shard metadata)."""
+@dataclass
+class Prepared:
+    """What :func:`prepare` found in the output folder."""
+
+    uri: str
+    pending: list[int]
+    units: dict[int, np.ndarray]
+    meta: dict[str, Any]
+    rewritten: list[str]
+    removed_temp: list[str]
+
+
+def prepare(cfg: SynthConfig) -> Prepared:
+    """Check the output and the shards earlier runs left, under this job's lease on it.
+
+    Every existing shard's footer is read: one of another config (or not a synray shard) is an error
+    naming it; an unreadable or self-contradicting one sits in one of this job's unit slots and is
+    deleted to be rewritten; temp files of killed writers are removed. ``_SUCCESS`` is cleared while
+    units are pending.
+    """
     check_config(cfg)
     uri = cfg.output.uri
-    storage.check_writable(uri)
+    if shards.is_legacy_layout(uri):
+        raise shards.ShardError(
+            f"{uri} holds a dataset in synray's previous layout (shards and manifest.json at the root); it stays"
+            f" readable for training, but new shards go to {shards.DATA_DIR}/: write to a new output.uri"
+        )
     units = units_of(cfg)
     chash = content_hash(cfg)
+    removed = shards.remove_temp_files(uri)
+    for t in removed:
+        log.warning("removed %s, the temp file of a killed writer", t)
     done = shards.list_shards(uri)
-    for unit, shard_uri in list(done.items())[:1] + list(done.items())[-1:]:
-        theirs = shards.shard_metadata(shard_uri).get("config_hash")
-        if theirs != chash:
-            raise shards.ShardError(
-                f"{shard_uri} was written by a different config (hash {theirs}, this one {chash});"
-                " use a new output.uri or the config that made it"
-            )
     stray = sorted(set(done) - set(units))
     if stray:
         raise shards.ShardError(f"{uri} holds shards for units {stray[:5]} outside identities.start/count")
+    _, errors = shards.read_footers(done, chash, on_error="collect")
+    foreign = [e for e in errors.values() if isinstance(e, shards.ForeignShardError)]
+    if foreign:
+        more = f" ({len(foreign)} such files)" if len(foreign) > 1 else ""
+        raise shards.ForeignShardError(f"{foreign[0]}{more}; use a new output.uri or the config that made it")
+    failed = [e for e in errors.values() if not isinstance(e, shards.CorruptShardError)]
+    if failed:
+        raise failed[0]
+    rewritten = []
+    for unit, exc in sorted(errors.items()):
+        log.warning("unit %d is written again: %s", unit, exc)
+        storage.delete(done.pop(unit))
+        rewritten.append(shards.shard_name(unit))
     pending = [u for u in units if u not in done]
+    if pending:
+        shards.mark_incomplete(uri)
     meta = {"generator": cfg.generator.type, "config_hash": chash, "run_seed": cfg.seed,
             "sampler": cfg.generator.sampler.model_dump() if cfg.generator.type == "ldm" else None}
-    storage.write_bytes_atomic(storage.join(uri, "config.yaml"), to_yaml(cfg).encode())
-    return uri, pending, units, meta
+    storage.write_bytes_atomic(storage.join(uri, shards.CONFIG), to_yaml(cfg).encode())
+    return Prepared(uri, pending, units, meta, rewritten, removed)
+
+
+def prepare_output(cfg: SynthConfig) -> tuple[str, list[int], dict[int, np.ndarray], dict[str, Any]]:
+    """:func:`prepare` as ``(uri, pending units, all units, shard metadata)``; hold the lease (:func:`open_output`)."""
+    p = prepare(cfg)
+    return p.uri, p.pending, p.units, p.meta
+
+
+def open_output(cfg: SynthConfig) -> OutputLease:
+    """Check the output is writable and take this job's lease on it (a second job on it fails here)."""
+    storage.check_writable(cfg.output.uri)
+    return acquire_lease(cfg.output.uri)
 
 
 def _cfg_dict(cfg: SynthConfig) -> dict:
     return cfg.model_dump(mode="json")
 
 
-def _finish(cfg: SynthConfig, uri: str, results: list[dict], seconds: float, skipped: int, backend: str, tracker) -> dict:
+def _finish(cfg: SynthConfig, prep: Prepared, lease: OutputLease, results: list[dict], seconds: float, backend: str,
+            tracker) -> dict:
+    """Summary, then the files that describe the dataset, ``_manifest.json`` and ``_SUCCESS`` last."""
+    uri = prep.uri
     images = int(sum(r["rows"] for r in results))
     qn = int(sum(r["quality_n"] for r in results))
     summary = {
-        "backend": backend, "units_written": len(results), "units_skipped": skipped,
+        "backend": backend, "units_written": len(results), "units_skipped": len(prep.units) - len(prep.pending),
         "images_written": images, "filtered": int(sum(r["filtered"] for r in results)),
         "seconds": seconds, "images_per_second": images / seconds if seconds > 0 else 0.0,
         "generator_seconds": float(sum(r["gen_seconds"] for r in results)),
         "quality_mean_written": (sum(r["quality_sum"] for r in results) / qn) if qn else None,
+        "shards_rewritten": prep.rewritten, "temp_files_removed": len(prep.removed_temp),
     }
-    manifest = shards.write_manifest(uri, {"config_hash": content_hash(cfg), "generator": cfg.generator.type,
-                                           "name": cfg.name, "last_run": summary})
+    lease.check()
+    manifest = shards.build_manifest(uri, {"generator": cfg.generator.type, "name": cfg.name, "last_run": dict(summary)},
+                                     expected_units=sorted(prep.units), config_hash=prep.meta["config_hash"])
     summary["manifest"] = {k: manifest[k] for k in ("shards", "rows", "identities", "kinds", "quality")}
+    previews = [r["preview"] for r in results][:64]
+    if previews:
+        import cv2
+
+        ok, png = cv2.imencode(".png", cv2.cvtColor(preview_grid(previews), cv2.COLOR_RGB2BGR))
+        if ok:
+            storage.write_bytes_atomic(storage.join(uri, shards.SAMPLES), png.tobytes())
+    has_samples = storage.exists(storage.join(uri, shards.SAMPLES))
+    inputs = {key: file_digest(path, key) for key, (_, path) in input_files(cfg).items()}
+    card = dataset_card(cfg, manifest, inputs, samples=has_samples)
+    storage.write_bytes_atomic(storage.join(uri, shards.CARD), card.encode())
+    lease.check()
+    shards.write_manifest(uri, manifest=manifest)
+    shards.mark_complete(uri, manifest)
     if tracker is not None:
         tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
         tracker.log_metrics({"dataset_rows": manifest["rows"], "dataset_identities": manifest["identities"]})
         if manifest["quality"]:
             tracker.log_metrics({f"consistency_{k}": v for k, v in manifest["quality"].items()})
-        previews = [r["preview"] for r in results][:64]
         if previews:
             import tempfile
 
-            import cv2
-
             with tempfile.TemporaryDirectory() as d:
                 path = os.path.join(d, "samples.png")
-                cv2.imwrite(path, cv2.cvtColor(preview_grid(previews), cv2.COLOR_RGB2BGR))
+                with open(path, "wb") as fh:
+                    fh.write(storage.read_bytes(storage.join(uri, shards.SAMPLES)))
                 tracker.log_artifact(path)
-                storage.write_bytes_atomic(storage.join(uri, "samples.png"), open(path, "rb").read())
     return summary
 
 
@@ -183,18 +329,21 @@ def _row_dict(row: dict) -> dict:
 
 def run_local(cfg: SynthConfig, tracker=None) -> dict:
     """The same stages in a plain loop in this process (baseline for benchmarks, and small runs)."""
-    uri, pending, units, meta = prepare_output(cfg)
-    d = _cfg_dict(cfg)
-    t0 = time.perf_counter()
-    stages = ([ContextFaceStage(d)] if cfg.contexts.source == "face_embeddings" else []) + [
-        GenerateStage(d), AlignStage(d), FinishStage(d), WriteStage(d, uri, meta)]
-    results = []
-    for row in unit_rows(cfg, units, pending):
-        batch = {k: np.asarray(v)[None] for k, v in row.items()}
-        for stage in stages:
-            batch = stage(batch)
-        results.append(_row_dict({k: v[0] if len(v) == 1 else v for k, v in batch.items()}))
-    return _finish(cfg, uri, results, time.perf_counter() - t0, len(units) - len(pending), "local", tracker)
+    with open_output(cfg) as lease:
+        prep = prepare(cfg)
+        d = _cfg_dict(cfg)
+        t0 = time.perf_counter()
+        results = []
+        if prep.pending:
+            stages = ([ContextFaceStage(d)] if cfg.contexts.source == "face_embeddings" else []) + [
+                GenerateStage(d), AlignStage(d), FinishStage(d), WriteStage(d, prep.uri, prep.meta)]
+            for row in unit_rows(cfg, prep.units, prep.pending):
+                lease.check()
+                batch = {k: np.asarray(v)[None] for k, v in row.items()}
+                for stage in stages:
+                    batch = stage(batch)
+                results.append(_row_dict({k: v[0] if len(v) == 1 else v for k, v in batch.items()}))
+        return _finish(cfg, prep, lease, results, time.perf_counter() - t0, "local", tracker)
 
 
 def build_dataset(cfg: SynthConfig, rows: list[dict], uri: str, meta: dict):
@@ -228,18 +377,20 @@ def run_synthesis(cfg: SynthConfig, tracker=None, progress: bool | None = None) 
     """Run the pipeline on the current Ray (call :func:`synray.runtime.init_ray` first)."""
     from synray.runtime import is_quiet
 
-    uri, pending, units, meta = prepare_output(cfg)
-    show = (not is_quiet(cfg.ray)) if progress is None else progress
-    t0 = time.perf_counter()
-    results: list[dict] = []
-    if pending:
-        rows = unit_rows(cfg, units, pending)
-        ds = build_dataset(cfg, rows, uri, meta)
-        bar = _progress(len(pending), len(units) - len(pending), show)
-        for row in ds.iter_rows():
-            results.append(_row_dict(row))
-            bar(len(results), int(sum(r["rows"] for r in results)), time.perf_counter() - t0)
-    return _finish(cfg, uri, results, time.perf_counter() - t0, len(units) - len(pending), "ray", tracker)
+    with open_output(cfg) as lease:
+        prep = prepare(cfg)
+        show = (not is_quiet(cfg.ray)) if progress is None else progress
+        t0 = time.perf_counter()
+        results: list[dict] = []
+        if prep.pending:
+            rows = unit_rows(cfg, prep.units, prep.pending)
+            ds = build_dataset(cfg, rows, prep.uri, prep.meta)
+            bar = _progress(len(prep.pending), len(prep.units) - len(prep.pending), show)
+            for row in ds.iter_rows():
+                lease.check()
+                results.append(_row_dict(row))
+                bar(len(results), int(sum(r["rows"] for r in results)), time.perf_counter() - t0)
+        return _finish(cfg, prep, lease, results, time.perf_counter() - t0, "ray", tracker)
 
 
 def _progress(total: int, skipped: int, show: bool):

@@ -19,6 +19,7 @@ from synray.io import shards
 from synray.align import resize
 from synray.io.images import decode_image, encode_image
 from synray.seeds import sample_seed
+from synray.synthesis.contexts import check_rows
 
 Unit = dict[str, np.ndarray]
 
@@ -48,6 +49,7 @@ class ContextFaceStage:
         emb = self.embedder.embed(unit["context_faces"])
         if emb.shape[1] != self.cfg.contexts.dim:
             raise ValueError(f"embedder {self.embedder.spec} gives {emb.shape[1]}-d embeddings; contexts.dim is {self.cfg.contexts.dim}")
+        check_rows(emb, unit["ids"], f"contexts.embedder {self.embedder.spec} (embeddings of the context faces)")
         unit["contexts"] = emb.astype(np.float32)
         return rebatch(unit)
 

@@ -21,16 +21,17 @@ import cv2
 import numpy as np
 
 from synray.errors import UserError
-from synray.io.images import decode_image
-from synray.io.shards import validate_dataset
+from synray.io import storage
+from synray.io.images import ImageDecodeError, decode_image
+from synray.io.shards import IncompleteDatasetError, open_dataset, read_dataset, read_shard
 
 __all__ = [
     "DatasetInfo", "dataset_info", "labels_for", "rrc_params", "random_resized_crop", "augment_image",
     "decode_augment", "repeat_rows", "build_dataset", "SHARD_COLUMNS", "DataError",
 ]
 
-#: shard columns training reads
-SHARD_COLUMNS = ["image", "identity", "identity_b", "mix_weight"]
+#: shard columns training reads (``sample`` and the file path name a row whose image is corrupt)
+SHARD_COLUMNS = ["image", "identity", "sample", "identity_b", "mix_weight"]
 
 
 class DataError(UserError, ValueError):
@@ -44,23 +45,31 @@ class DatasetInfo:
     uri: str
     rows: int
     identities: np.ndarray  # sorted unique identity ids: class k is identities[k]
+    files: tuple[str, ...] = ()  # the shards, checked when the dataset was opened
 
     @property
     def num_classes(self) -> int:
         return int(self.identities.size)
 
 
-def dataset_info(uri: str) -> DatasetInfo:
-    """Rows and identity ids from the shard footers (no image is read)."""
-    metas = validate_dataset(uri)
+def dataset_info(uri: str, allow_incomplete: bool = False) -> DatasetInfo:
+    """Rows and identity ids from the shard footers (no image is read) of a complete dataset.
+
+    A dataset whose synthesis has not finished (no ``_SUCCESS``, or a manifest that does not match
+    its shards) is refused naming what is missing, unless ``allow_incomplete`` (``data.allow_incomplete``).
+    """
+    try:
+        opened = open_dataset(uri, allow_incomplete=allow_incomplete)
+    except IncompleteDatasetError as exc:
+        raise DataError(f"{exc}") from None
     rows, ids = 0, set()
-    for meta in metas.values():
+    for meta in opened.metas.values():
         stats = meta.get("stats") or {}
         rows += int(stats.get("rows", 0))
         ids.update(int(i) for i in stats.get("identities", []))
     if rows == 0 or not ids:
         raise DataError(f"dataset {uri} has no rows")
-    return DatasetInfo(uri, rows, np.array(sorted(ids), dtype=np.int64))
+    return DatasetInfo(opened.uri, rows, np.array(sorted(ids), dtype=np.int64), tuple(opened.files))
 
 
 def labels_for(identities: np.ndarray, ids: np.ndarray, offset: int = 0, what: str = "identity") -> np.ndarray:
@@ -136,19 +145,26 @@ def decode_augment(
     soft_labels: bool = False,
     augment: Mapping[str, Any] | None = None,
     seed: int | None = None,
+    s3: bool = False,
 ) -> dict[str, np.ndarray]:
     """Shard rows -> ``image`` uint8 [n, 3, H, W] (decoded, resized, augmented), ``label``, ``label_b``, ``weight_a``.
 
     ``ids``/``offset`` map identities to classes; with ``soft_labels`` the identity-mixup columns
     become ``label_b``/``weight_a`` (else -1 / 1). ``augment`` holds :func:`augment_image` options
     (``None``: no augmentation, e.g. evaluation). ``seed`` fixes the augmentation draws (tests).
+    A corrupt image is an error naming its shard and row (from the ``path`` column Ray Data adds;
+    ``s3``: those paths are in S3).
     """
     rng = np.random.default_rng(seed)
     images = batch["image"]
     n = len(images)
     out = np.empty((n, 3, image_size[0], image_size[1]), np.uint8)
     for k in range(n):
-        img = _fit(decode_image(bytes(images[k]), f"shard row {k}"), image_size)
+        try:
+            img = decode_image(bytes(images[k]), "a shard row")
+        except ImageDecodeError:
+            raise ImageDecodeError(f"corrupt or unsupported image data in {_where(batch, k, s3)}") from None
+        img = _fit(img, image_size)
         if augment:
             img = augment_image(img, rng, **augment)
         out[k] = np.ascontiguousarray(img).transpose(2, 0, 1)
@@ -162,6 +178,25 @@ def decode_augment(
         label_b = np.full(n, -1, np.int64)
         weight = np.ones(n, np.float32)
     return {"image": out, "label": label, "label_b": label_b, "weight_a": weight}
+
+
+def _where(batch: Mapping[str, np.ndarray], k: int, s3: bool) -> str:
+    """``shard <file> row <r> (identity i, sample s)`` of row ``k`` of a decode batch (read back on error only)."""
+    identity = int(batch["identity"][k])
+    sample = int(batch["sample"][k]) if "sample" in batch else None
+    who = f"identity {identity}" + (f", sample {sample}" if sample is not None else "")
+    if "path" not in batch:
+        return f"a shard row ({who}; the shard file is unknown here)"
+    path = str(batch["path"][k])
+    uri = f"s3://{path}" if s3 and not path.startswith("s3://") else path
+    if sample is None:
+        return f"shard {uri} ({who})"
+    try:
+        t = read_shard(uri).select(["identity", "sample"])
+        rows = np.flatnonzero((t.column("identity").to_numpy() == identity) & (t.column("sample").to_numpy() == sample))
+    except Exception:  # noqa: BLE001 - the file itself is unreadable: name it without the row
+        rows = np.array([], np.int64)
+    return f"shard {uri} row {int(rows[0])} ({who})" if len(rows) else f"shard {uri} ({who})"
 
 
 def repeat_rows(batch: Mapping[str, np.ndarray], times: int) -> dict[str, np.ndarray]:
@@ -186,9 +221,7 @@ def build_dataset(
     ``repeat`` > 1 lists the rows that many times per epoch: SynFace replicates its few real images
     to the length of the synthetic set, which also spares a pipeline restart every few batches.
     """
-    from synray.io.shards import read_dataset
-
-    ds = read_dataset(info.uri, columns=SHARD_COLUMNS)
+    ds = read_dataset(list(info.files) if info.files else info.uri, columns=SHARD_COLUMNS, include_paths=True)
     if repeat > 1:
         ds = ds.map_batches(repeat_rows, fn_kwargs={"times": repeat}, batch_size=None, batch_format="numpy", num_cpus=num_cpus)
     if shuffle == "global":
@@ -200,7 +233,8 @@ def build_dataset(
     return ds.map_batches(
         decode_augment,
         fn_kwargs={"image_size": tuple(image_size), "ids": info.identities, "offset": offset,
-                   "soft_labels": soft_labels, "augment": dict(augment) if augment else None},
+                   "soft_labels": soft_labels, "augment": dict(augment) if augment else None,
+                   "s3": storage.is_s3(info.uri)},
         batch_size=batch_size,
         batch_format="numpy",
         num_cpus=num_cpus,

@@ -91,8 +91,8 @@ def _model_facts(cfg: TrainConfig) -> tuple[tuple[int, int], int]:
 
 def plan_training(cfg: TrainConfig) -> tuple[TrainPlan, DatasetInfo, DatasetInfo | None]:
     """Check the data against the config and fix the class space; errors name the problem."""
-    train = dataset_info(cfg.data.train)
-    real = dataset_info(cfg.mixup.domain.real) if cfg.mixup.domain.enabled else None
+    train = dataset_info(cfg.data.train, allow_incomplete=cfg.data.allow_incomplete)
+    real = dataset_info(cfg.mixup.domain.real, allow_incomplete=cfg.data.allow_incomplete) if cfg.mixup.domain.enabled else None
     size, emb = _model_facts(cfg)
     if cfg.data.image_size is not None and tuple(cfg.data.image_size) != size:
         raise DataError(f"data.image_size {tuple(cfg.data.image_size)} differs from the backbone's input_size {size}")
