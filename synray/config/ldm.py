@@ -41,6 +41,7 @@ class LDMDataConfig(StrictModel):
     extensions: list[str] = Field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp"])
     max_images: int | None = Field(None, ge=1)  # use only the first N images (canonical order)
     unit_size: int = Field(1024, ge=1)  # images per latent shard (the unit of resumable encoding)
+    allow_incomplete: bool = False  # shards: read a dataset without its completion marker (a half-finished synthesis)
 
 
 class LDMContextsConfig(StrictModel):

@@ -67,25 +67,24 @@ def list_images(cfg: LDMConfig) -> ImageItems:
             ids += [k] * len(files)
         identities = np.asarray(ids, np.int64)
     else:
-        from synray.io.shards import ShardError, list_shards, read_shard
+        from synray.io.shards import ShardError, open_dataset, read_shard
 
         try:
-            shards = list_shards(d.path)
+            dataset = open_dataset(d.path, allow_incomplete=d.allow_incomplete)
         except (ShardError, OSError) as exc:
             raise LDMDataError(f"data.path: {exc}") from None
-        if not shards:
-            raise LDMDataError(f"data.path: no shards in {d.path}")
+        root, shards = dataset.uri, dataset.shards
         names, ids_list = [], []
         for unit, uri in shards.items():
             t = read_shard(uri).select(["identity"])
             ident = t.column("identity").to_numpy()
-            rel = uri[len(d.path.rstrip("/")):].lstrip("/")  # data/part-N.parquet (or part-N.parquet: old layout)
+            rel = uri[len(root.rstrip("/")):].lstrip("/")  # data/part-N.parquet (or part-N.parquet: old layout)
             names += [f"{rel}#{r}" for r in range(len(ident))]
             ids_list.append(ident)
         identities = np.concatenate(ids_list).astype(np.int64)
     if d.max_images is not None:
         names, identities = names[:d.max_images], identities[:d.max_images]
-    return ImageItems(d.source, d.path, names, identities)
+    return ImageItems(d.source, d.path if d.source == "folders" else root, names, identities)
 
 
 def _resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
