@@ -40,12 +40,18 @@ def is_quiet(cfg: RayConfig | None = None) -> bool:
 
 def configure_data_context(quiet: bool) -> None:
     import ray.data
+    from ray.util.debug import log_once
 
     ctx = ray.data.DataContext.get_current()
-    # synray shows its own progress; Ray Data's bars become a log line every few seconds off a terminal
+    # one progress display per job, synray's own (synray.progress): Ray Data's bars are off, and Ray Data's
+    # note that they are off has nothing to tell a synray user, so it is marked as already given
     ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = not quiet
     ctx.enable_operator_progress_bars = False
+    log_once("ray_data_progress_manager_disabled")
+    ctx.print_on_execution_start = not quiet
+    if quiet:  # only synray's summary lines and errors
+        for name in ("ray.data", "mlflow"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     # Determinism: shards are keyed by unit, but ordered execution keeps logs and tests reproducible.
     ctx.execution_options.preserve_order = True
 
@@ -65,7 +71,9 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool | None = None) -> bool:
         ray.init(address=address, **kwargs)
     else:
         # No cluster given: a private local Ray. More logical CPUs than cores keeps Ray Data's read
-        # tasks schedulable next to actor pools and Train workers on small machines.
+        # tasks schedulable next to actor pools and Train workers on small machines. Token authentication
+        # is Ray's default for a new cluster; saying so explicitly keeps it on without Ray's notice about it.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         ncpu = cfg.num_cpus or max(4, os.cpu_count() or 1)
         ray.init(address="local", num_cpus=ncpu, include_dashboard=False, **kwargs)
     configure_data_context(quiet)

@@ -192,6 +192,8 @@ def distill_loop(cfg: DistillConfig, hooks: Hooks) -> dict[str, Any]:
             sums += (r["loss"], r.get("loss_resampled", 0.0), r["cos"])
             step += 2 if cfg.resampling else 1
             hooks.step_done(step)
+            hooks.progress(epoch * cfg.iterations_per_epoch + it + 1, cfg.epochs * cfg.iterations_per_epoch,
+                           epoch=f"{epoch + 1}/{cfg.epochs}", loss=r["loss"], cos=r["cos"])
         seconds = time.time() - t0
         lr = d.optimizer.param_groups[0]["lr"]
         d.scheduler.step()

@@ -212,6 +212,7 @@ def ldm_loop(cfg: LDMConfig, hooks: Hooks, latents: dict[str, Any],
         loss_sum, n = loss_sum + loss, n + 1
         s = learner.step_count
         hooks.step_done(s)
+        hooks.progress(s, t.steps, loss=loss)
         ckpt = s % t.checkpoint_every == 0 or s == t.steps
         if s % t.log_every == 0 or ckpt:
             total, count = all_reduce_sum([loss_sum, n], learner.device, hooks.world_size)

@@ -28,6 +28,7 @@ from synray.errors import UserError
 from synray.io import shards, storage
 from synray.io.lease import OutputLease, acquire_lease
 from synray.jobs import JobContext, Need, Outcome
+from synray.progress import JobProgress
 from synray.synthesis import contexts as C
 from synray.synthesis.card import dataset_card
 from synray.synthesis.stages import AlignStage, ContextFaceStage, FinishStage, GenerateStage, WriteStage, preview_grid
@@ -379,36 +380,25 @@ def run_synthesis(cfg: SynthConfig, tracker=None, progress: bool | None = None) 
 
     with open_output(cfg) as lease:
         prep = prepare(cfg)
-        show = (not is_quiet(cfg.ray)) if progress is None else progress
+        quiet = is_quiet(cfg.ray) if progress is None else not progress
         t0 = time.perf_counter()
         results: list[dict] = []
         if prep.pending:
             rows = unit_rows(cfg, prep.units, prep.pending)
             ds = build_dataset(cfg, rows, prep.uri, prep.meta)
-            bar = _progress(len(prep.pending), len(prep.units) - len(prep.pending), show)
-            for row in ds.iter_rows():
-                lease.check()
-                results.append(_row_dict(row))
-                bar(len(results), int(sum(r["rows"] for r in results)), time.perf_counter() - t0)
+            skipped = len(prep.units) - len(prep.pending)
+            bar = JobProgress("synth", len(prep.pending), "units", quiet)
+            try:
+                bar.update(0, skipped=skipped)
+                for row in ds.iter_rows():
+                    lease.check()
+                    results.append(_row_dict(row))
+                    images = int(sum(r["rows"] for r in results))
+                    bar.update(len(results), images=images,
+                               **{"img/s": images / max(time.perf_counter() - t0, 1e-9)})
+            finally:
+                bar.close()
         return _finish(cfg, prep, lease, results, time.perf_counter() - t0, "ray", tracker)
-
-
-def _progress(total: int, skipped: int, show: bool):
-    if not show:
-        return lambda *a: None
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    console.print(f"[bold]synthesis[/]: {total} units to write, {skipped} already done (skipped)")
-
-    every = max(1, total // 20)
-
-    def update(done: int, images: int, seconds: float) -> None:
-        if done % every and done != total:
-            return
-        console.print(f"  unit {done}/{total}  images {images}  {images / max(seconds, 1e-9):.1f} img/s")
-
-    return update
 
 
 # --------------------------------------------------------------------------------------------

@@ -441,6 +441,8 @@ def train_loop(cfg: TrainConfig, hooks: Hooks, plan: dict[str, Any]) -> dict[str
             global_step += 1
             step_in_epoch += 1
             hooks.step_done(global_step)
+            hooks.progress(global_step, cfg.epochs * spe, epoch=f"{epoch + 1}/{cfg.epochs}", loss=result.loss,
+                           **{"img/s": world * stats.images / max(time.time() - t0, 1e-9)})
             if every and global_step % every == 0 and step_in_epoch < spe:
                 stats.seconds = time.time() - t0
                 report(stats, epoch, step_in_epoch, None)

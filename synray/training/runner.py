@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import ray
 import ray.train
 import torch
 from ray.train.torch import TorchTrainer
@@ -26,6 +27,7 @@ from torch import nn
 
 from synray.config.run import CheckpointConfig, ScalingConfig
 from synray.io import storage
+from synray.progress import Board, JobProgress, Throttle, watch_board
 from synray.training.checkpointing import CheckpointReader, run_storage
 
 __all__ = ["Callback", "Hooks", "TrainResult", "fit", "tune_hooks", "local_hooks"]
@@ -54,6 +56,7 @@ class Hooks:
     datasets: Mapping[str, Any] = field(default_factory=dict)  # Ray Data shards of this rank, by name
     callbacks: Sequence[Callback] = ()
     quiet: bool = False
+    post: Callable[[dict[str, Any], bool], None] | None = None  # rank 0's live counters to the driver's display
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
         """Report metrics (every rank calls this at the same points); rank 0 passes the checkpoint folder."""
@@ -65,6 +68,11 @@ class Hooks:
     def step_done(self, step: int) -> None:
         for cb in self.callbacks:
             cb.after_step(self, step)
+
+    def progress(self, step: int, total: int, final: bool = False, **fields: Any) -> None:
+        """Live counters for the job's progress display (rank 0; throttled, a no-op when quiet)."""
+        if self.rank == 0 and self.post is not None:
+            self.post({"step": step, "total": total, **fields}, final)
 
     def log(self, message: str) -> None:
         """A progress line from rank 0 (silent when quiet)."""
@@ -95,6 +103,7 @@ def _worker(config: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=_checkpoint_name(metrics))
 
     ckpt = ray.train.get_checkpoint()
+    board = config["board"]
     hooks = Hooks(
         rank=rank, world_size=world, device=ray.train.torch.get_device(),
         wrap=(lambda m: ray.train.torch.prepare_model(m, move_to_device=False, parallel_strategy_kwargs=ddp))
@@ -102,6 +111,7 @@ def _worker(config: dict[str, Any]) -> None:
         send=send, restore=CheckpointReader.from_checkpoint(ckpt) if ckpt is not None else None,
         datasets={name: ray.train.get_dataset_shard(name) for name in config["datasets"]},
         callbacks=config["callbacks"], quiet=config["quiet"],
+        post=Throttle(lambda fields: board.post.remote(fields)) if board is not None and rank == 0 else None,
     )
     config["loop"](config["cfg"], hooks, **config["extra"])
 
@@ -147,6 +157,7 @@ def fit(
     from synray.tracking import TrainMetricsToMLflow
 
     storage_path, fs = run_storage(output_uri)
+    board = None if quiet else ray.remote(num_cpus=0)(Board).remote()
     train_callbacks = []
     if tracker is not None and tracker.run_id is not None:
         train_callbacks.append(TrainMetricsToMLflow(tracker.uri, tracker.run_id, job))
@@ -155,7 +166,7 @@ def fit(
         _worker,
         train_loop_config={
             "loop": loop, "cfg": cfg, "extra": dict(extra or {}), "datasets": sorted(datasets or {}),
-            "callbacks": list(callbacks), "quiet": quiet,
+            "callbacks": list(callbacks), "quiet": quiet, "board": board,
             "threads": scaling.torch_threads or max(1, int(scaling.cpus_per_worker)),
             "ddp": {"find_unused_parameters": find_unused_parameters},
         },
@@ -170,7 +181,13 @@ def fit(
         datasets=dict(datasets or {}),
         dataset_config=ray.train.DataConfig(datasets_to_split="all"),
     )
-    result = trainer.fit()
+    stop_display = watch_board(board, JobProgress(job, None, "step", quiet)) if board is not None else None
+    try:
+        result = trainer.fit()
+    finally:
+        if stop_display is not None:
+            stop_display()
+            ray.kill(board)
     reader = uri = None
     if result.checkpoint is not None:
         reader = CheckpointReader.from_checkpoint(result.checkpoint)
