@@ -39,9 +39,12 @@ from synray.seeds import derive
 from synray.training.checkpointing import CheckpointReader
 from synray.training.collective import all_reduce_sum
 from synray.training.resample import kd_loss, resample_latents
-from synray.training.runner import Hooks, fit
+from synray.training.runner import Hooks, fit, guarded_settings
 
-__all__ = ["Distiller", "distill_loop", "check", "needs", "run", "VALIDATION_STREAM"]
+__all__ = ["Distiller", "distill_loop", "check", "needs", "run", "VALIDATION_STREAM", "RESUMABLE"]
+
+#: settings a re-run may change and still continue the run
+RESUMABLE = ("kind", "name", "epochs", "eval", "validation", "scaling", "checkpoint", "output", "tracking", "ray")
 
 VALIDATION_STREAM = 0x7A11D  # keeps validation latents apart from every training draw
 STUDENT_FILE, STATE_FILE, META_FILE, EVAL_FILE = "student.pt", "trainer_state.pt", "meta.json", "eval.json"
@@ -261,7 +264,7 @@ def run(cfg: DistillConfig, ctx: JobContext) -> Outcome:
     run_uri = storage.join(cfg.output.uri, cfg.name)
     result = fit(distill_loop, cfg, name=cfg.name, output_uri=cfg.output.uri, scaling=cfg.scaling,
                  checkpoint=cfg.checkpoint, callbacks=ctx.callbacks, tracker=ctx.tracker, job="distill",
-                 quiet=ctx.quiet)
+                 quiet=ctx.quiet, settings=guarded_settings(cfg, RESUMABLE))
     outcome = Outcome("distill", run_uri, result.metrics, checkpoint_uri=result.checkpoint_uri)
     reader = result.checkpoint
     if reader is not None:

@@ -18,9 +18,13 @@ from synray.ldm.data import list_images
 from synray.ldm.encode import prepare_latents
 from synray.ldm.first_stage import DECODER_FILE, VQ_CONFIG_FILE
 from synray.ldm.learner import EMA_FILE, META_FILE, ldm_loop, unet_config
-from synray.training.runner import fit
+from synray.training.runner import fit, guarded_settings
 
-__all__ = ["synthesis_generator", "check", "needs", "run"]
+__all__ = ["synthesis_generator", "check", "needs", "run", "RESUMABLE"]
+
+#: settings a re-run may change and still continue the run
+RESUMABLE = ("kind", "name", "training.steps", "training.checkpoint_every", "training.log_every", "scaling", "encode",
+             "checkpoint", "output", "tracking", "ray", "data.allow_incomplete")
 
 
 def synthesis_generator(checkpoints_uri: str, meta: dict[str, Any], vq_config: dict[str, Any]) -> dict[str, Any]:
@@ -60,7 +64,8 @@ def run(cfg: LDMConfig, ctx: JobContext) -> Outcome:
     result = fit(ldm_loop, cfg, name=f"{cfg.name}-train", output_uri=cfg.output.uri, scaling=cfg.scaling,
                  checkpoint=cfg.checkpoint, extra={"latents": info.to_dict()}, datasets={"train": ds},
                  callbacks=ctx.callbacks, tracker=tracker, job="train-ldm", quiet=ctx.quiet,
-                 find_unused_parameters=cfg.unet.flavour == "uiface")  # an empty context may get no gradient
+                 find_unused_parameters=cfg.unet.flavour == "uiface",  # an empty context may get no gradient
+                 settings=guarded_settings(cfg, RESUMABLE))
     outcome = Outcome("train_ldm", run_uri, result.metrics, extra={"latents": info.to_dict()})
     reader = result.checkpoint
     if reader is not None:

@@ -188,6 +188,10 @@ class ShardedClassifier(nn.Module):
     def end(self) -> int:
         return self.start + self.count
 
+    def reseed(self, seed: int) -> None:
+        """Seed the centre sampling of the next step (a resumed run then samples what the uninterrupted one did)."""
+        self._gen.manual_seed(int(seed))
+
     def _local(self, labels: Tensor) -> Tensor:
         inside = (labels >= self.start) & (labels < self.end)
         return torch.where(inside, labels - self.start, torch.full_like(labels, -1))

@@ -43,10 +43,15 @@ from synray.training.collective import all_have, all_reduce_sum
 from synray.training.data import DataError, DatasetInfo, dataset_info
 from synray.training.mixup import SYNFACE_LAMBDAS, Target, mix_images, sample_lambda, synface_targets
 from synray.training.partial_fc import ShardedClassifier, class_split
-from synray.training.runner import Hooks, fit
+from synray.training.runner import Hooks, fit, guarded_settings
 from synray.seeds import derive
 
-__all__ = ["TrainPlan", "plan_training", "learning_rate", "Learner", "train_loop", "check", "needs", "run", "raw_embedding"]
+__all__ = ["TrainPlan", "plan_training", "learning_rate", "Learner", "train_loop", "check", "needs", "run", "raw_embedding",
+           "RESUMABLE"]
+
+#: settings a re-run may change and still continue the run (length, evaluation, resources, bookkeeping)
+RESUMABLE = ("kind", "name", "epochs", "eval", "scaling", "checkpoint", "output", "tracking", "ray",
+             "data.allow_incomplete", "data.prefetch_batches", "data.decode_batch_size", "data.decode_num_cpus")
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,6 +291,7 @@ class Learner:
             for g in opt.param_groups:
                 g["lr"] = lr
         emb = self._embed(self.backbone, x)
+        self.classifier.reseed(derive(cfg.seed, 4, global_step, self.start))  # PartialFC sampling: no state to save
         loss, pred = self.classifier(emb, targets)
         self.opt_backbone.zero_grad(set_to_none=True)
         self.opt_head.zero_grad(set_to_none=True)
@@ -427,6 +433,7 @@ def train_loop(cfg: TrainConfig, hooks: Hooks, plan: dict[str, Any]) -> dict[str
         it = iter(train_shard.iter_torch_batches(
             batch_size=b_w, drop_last=True, prefetch_batches=cfg.data.prefetch_batches,
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            local_shuffle_seed=derive(cfg.seed, 5, epoch, rank) if cfg.data.shuffle_buffer else None,
         ))
         while step_in_epoch < spe:
             batch = _synced_next(it, world, device)
@@ -513,7 +520,7 @@ def run(cfg: TrainConfig, ctx: JobContext) -> Outcome:
     result = fit(train_loop, cfg, name=cfg.name, output_uri=cfg.output.uri, scaling=cfg.scaling,
                  checkpoint=cfg.checkpoint, extra={"plan": plan.to_dict()},
                  datasets=build_datasets(cfg, plan, train, real), callbacks=ctx.callbacks, tracker=ctx.tracker,
-                 job="train", quiet=ctx.quiet)
+                 job="train", quiet=ctx.quiet, settings=guarded_settings(cfg, RESUMABLE))
     outcome = Outcome("train", run_uri, result.metrics, checkpoint_uri=result.checkpoint_uri,
                       extra={"plan": plan.to_dict()})
     reader = result.checkpoint

@@ -30,7 +30,11 @@ from synray.io import storage
 from synray.progress import Board, JobProgress, Throttle, watch_board
 from synray.training.checkpointing import CheckpointReader, run_storage
 
-__all__ = ["Callback", "Hooks", "TrainResult", "fit", "tune_hooks", "local_hooks"]
+__all__ = ["Callback", "Hooks", "TrainResult", "fit", "tune_hooks", "local_hooks", "guarded_settings", "check_resume",
+           "RUN_FILE"]
+
+#: the settings a run was started with, beside its checkpoints: a re-run may change only the allow-listed ones
+RUN_FILE = "synray_run.json"
 
 
 class Callback:
@@ -128,6 +132,42 @@ def tune_hooks(callbacks: Sequence[Callback] = (), quiet: bool = True) -> Hooks:
                  callbacks=callbacks, quiet=quiet)
 
 
+def guarded_settings(cfg: Any, allowed: Sequence[str]) -> dict[str, Any]:
+    """The config's settings as dotted keys, without those a resumed run may change (``allowed`` prefixes)."""
+    from synray.config.base import flatten
+
+    flat = flatten(cfg.model_dump(mode="json"))
+    return {k: v for k, v in flat.items() if not any(k == a or k.startswith(a + ".") for a in allowed)}
+
+
+def _has_checkpoints(run_uri: str) -> bool:
+    import pyarrow.fs as pafs
+
+    loc = storage.resolve(run_uri)
+    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))
+    return any(i.type == pafs.FileType.Directory and os.path.basename(i.path).startswith("checkpoint_") for i in infos)
+
+
+def check_resume(run_uri: str, settings: Mapping[str, Any]) -> None:
+    """Refuse to continue a run whose checkpoints were made with other settings (naming the changed keys);
+    record the settings when the run starts afresh."""
+    import json
+
+    from synray.config.base import ConfigError
+
+    marker = storage.join(run_uri, RUN_FILE)
+    if storage.exists(marker) and _has_checkpoints(run_uri):
+        before = json.loads(storage.read_bytes(marker))["settings"]
+        changed = sorted(k for k in set(before) | set(settings) if before.get(k, "<unset>") != settings.get(k, "<unset>"))
+        if changed:
+            lines = "\n".join(f"  {k}: {before.get(k, '<unset>')!r} -> {settings.get(k, '<unset>')!r}" for k in changed[:20])
+            raise ConfigError(f"{run_uri} holds checkpoints of a run started with other settings; a re-run with the "
+                              f"same name and output resumes it, so these changes would mix two runs:\n{lines}\n"
+                              "use another name (or output.uri) for a new run, or the settings the run was started with")
+        return
+    storage.write_bytes_atomic(marker, json.dumps({"settings": dict(settings)}, indent=2, default=str).encode())
+
+
 @dataclass
 class TrainResult:
     """What :func:`fit` leaves: the last reported metrics and the last checkpoint (None if none was reported)."""
@@ -152,10 +192,16 @@ def fit(
     job: str = "train",
     quiet: bool = False,
     find_unused_parameters: bool = False,
+    settings: Mapping[str, Any] | None = None,
 ) -> TrainResult:
-    """Run ``loop`` on Ray Train; a re-run with the same ``output_uri`` and ``name`` resumes from its last checkpoint."""
+    """Run ``loop`` on Ray Train; a re-run with the same ``output_uri`` and ``name`` resumes from its last checkpoint.
+
+    ``settings``: what the run must not change between re-runs (see :func:`check_resume`).
+    """
     from synray.tracking import TrainMetricsToMLflow
 
+    if settings is not None:
+        check_resume(storage.join(output_uri, name), settings)
     storage_path, fs = run_storage(output_uri)
     board = None if quiet else ray.remote(num_cpus=0)(Board).remote()
     train_callbacks = []
