@@ -24,6 +24,39 @@ def reference() -> Path:
     return reference_dir()
 
 
+def golden_unet_config(golden: dict, flavour: str = "idiff_face"):
+    """The UNet config of a forward golden (``unet_small_golden.pt``), read from its ``config_small_unet``.
+
+    The file stores the reference constructor keys; the training flags it does not store (UIFace's
+    learnable empty context and uncond probability) are those of the published ``flavour``.
+    """
+    from synray.models.unet import FLAVOURS, UNetConfig
+
+    cfg = dict(golden["config_small_unet"])
+    for key, value in FLAVOURS[flavour].items():
+        if key != "context_dropout":  # stored as context_dropout_probability
+            cfg.setdefault(key, value)
+    return UNetConfig.from_reference(cfg)
+
+
+def golden_unet(golden: dict, flavour: str = "idiff_face", dtype=None):
+    """The golden's UNet in eval mode with its weights loaded strictly.
+
+    IDiff-Face/ADMIS keep a zero empty context, so their variant drops ``empty_context_embedding``.
+    """
+    from synray.models.unet import ConditionalUNet
+
+    cfg = golden_unet_config(golden, flavour)
+    state = dict(golden["state_dict"])
+    if not cfg.learn_empty_context:
+        state.pop("empty_context_embedding")
+    model = ConditionalUNet(cfg)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
 # --- servers and Ray -------------------------------------------------------------------------
 
 import shutil  # noqa: E402
