@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,31 @@ def reference_dir() -> Path:
 @pytest.fixture(scope="session")
 def reference() -> Path:
     return reference_dir()
+
+
+# A number (``64``, ``0.35``, ``1e-3``) or a bracketed list (``[22,28,32]``) inside a golden key's name.
+_KEY_VALUE = r"\[[^\]]*\]|\d+(?:\.\d+)?(?:e-?\d+)?"
+
+
+def golden_keys(golden: dict, template: str) -> list[tuple[str, dict]]:
+    """Keys of ``golden`` of the form ``template`` and the settings their names carry, sorted by key.
+
+    Golden files name a run after its settings (``admis_ddim5``, ``tface_arcface_s64_m0.5``,
+    ``..._STAGES[22,28,32]_40ep``); ``{name}`` in ``template`` stands for such a number or list.
+    """
+    parts = re.split(r"\{(\w+)\}", template)
+    regex = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{_KEY_VALUE})" for i, p in enumerate(parts))
+    found = [(k, {n: json.loads(v) for n, v in m.groupdict().items()})
+             for k in golden if isinstance(k, str) and (m := re.fullmatch(regex, k))]
+    assert found, f"no golden key of the form {template!r}"
+    return sorted(found, key=lambda kv: kv[0])
+
+
+def golden_key(golden: dict, template: str) -> tuple[str, dict]:
+    """The one key of ``golden`` of the form ``template`` and its settings (see :func:`golden_keys`)."""
+    found = golden_keys(golden, template)
+    assert len(found) == 1, f"expected one golden key of the form {template!r}, found {[k for k, _ in found]}"
+    return found[0]
 
 
 def golden_unet_config(golden: dict, flavour: str = "idiff_face"):

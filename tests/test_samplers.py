@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 
 import pytest
 import torch
@@ -31,7 +30,7 @@ from synray.diffusion.sampling import METHODS, sample
 from synray.diffusion.schedule import BUFFER_NAMES, DiffusionSchedule, linear_schedule
 from synray.diffusion.uiface import aggregate_cross_attention, attention_change, uiface_sample
 
-from conftest import golden_unet
+from conftest import golden_key, golden_unet
 
 torch.set_num_threads(1)
 
@@ -55,23 +54,19 @@ def schedule(golden):
     return DiffusionSchedule.from_betas(golden["schedule"]["betas"])
 
 
-def entry(golden: dict, pattern: str) -> dict:
-    """The one run whose key matches ``pattern``; the keys carry the step count (``admis_ddim5``)."""
-    keys = [k for k in golden if re.fullmatch(pattern, k)]
-    assert len(keys) == 1, f"expected one golden entry matching {pattern!r}, found {keys}"
-    return golden[keys[0]]
-
-
 def admis(golden: dict) -> dict:
-    return entry(golden, r"admis_ddim\d+")
+    """The ADMIS DDIM run (its key names the step count)."""
+    return golden[golden_key(golden, "admis_ddim{steps}")[0]]
 
 
 def ddpm(golden: dict) -> dict:
-    return entry(golden, r"idiff_ddpm_ancestral_T\d+")
+    """The IDiff-Face ancestral run over all T steps (its key names T)."""
+    return golden[golden_key(golden, "idiff_ddpm_ancestral_T{T}")[0]]
 
 
 def uiface_case(golden: dict, case: str) -> dict:
-    return entry(golden, rf"uiface_2stage_ddim\d+_{case}")
+    """A UIFace two-stage run: ``default`` or ``mixed_switch`` (its key names the step count)."""
+    return golden[golden_key(golden, f"uiface_2stage_ddim{{steps}}_{case}")[0]]
 
 
 def ddim_skip(schedule: DiffusionSchedule, g: dict) -> int:
