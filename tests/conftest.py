@@ -1,4 +1,5 @@
-"""Shared fixtures: golden reference data, and (added below) the session Ray, S3 and MLflow servers."""
+"""Shared fixtures: golden reference data and helpers that read settings and models from it, and (added
+below) the session Ray, S3 and MLflow servers."""
 
 from __future__ import annotations
 
