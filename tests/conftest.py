@@ -1,8 +1,11 @@
-"""Shared fixtures: golden reference data, and (added below) the session Ray, S3 and MLflow servers."""
+"""Shared fixtures: golden reference data and helpers that read settings and models from it, and (added
+below) the session Ray, S3 and MLflow servers."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,64 @@ def reference_dir() -> Path:
 @pytest.fixture(scope="session")
 def reference() -> Path:
     return reference_dir()
+
+
+# A number (``64``, ``0.35``, ``1e-3``) or a bracketed list (``[22,28,32]``) inside a golden key's name.
+_KEY_VALUE = r"\[[^\]]*\]|\d+(?:\.\d+)?(?:e-?\d+)?"
+
+
+def golden_keys(golden: dict, template: str) -> list[tuple[str, dict]]:
+    """Keys of ``golden`` of the form ``template`` and the settings their names carry, sorted by key.
+
+    Golden files name a run after its settings (``admis_ddim5``, ``tface_arcface_s64_m0.5``,
+    ``..._STAGES[22,28,32]_40ep``); ``{name}`` in ``template`` stands for such a number or list.
+    """
+    parts = re.split(r"\{(\w+)\}", template)
+    regex = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{_KEY_VALUE})" for i, p in enumerate(parts))
+    found = [(k, {n: json.loads(v) for n, v in m.groupdict().items()})
+             for k in golden if isinstance(k, str) and (m := re.fullmatch(regex, k))]
+    assert found, f"no golden key of the form {template!r}"
+    return sorted(found, key=lambda kv: kv[0])
+
+
+def golden_key(golden: dict, template: str) -> tuple[str, dict]:
+    """The one key of ``golden`` of the form ``template`` and its settings (see :func:`golden_keys`)."""
+    found = golden_keys(golden, template)
+    assert len(found) == 1, f"expected one golden key of the form {template!r}, found {[k for k, _ in found]}"
+    return found[0]
+
+
+def golden_unet_config(golden: dict, flavour: str = "idiff_face"):
+    """The UNet config of a forward golden (``unet_small_golden.pt``), read from its ``config_small_unet``.
+
+    The file stores the reference constructor keys; the training flags it does not store (UIFace's
+    learnable empty context and uncond probability) are those of the published ``flavour``.
+    """
+    from synray.models.unet import FLAVOURS, UNetConfig
+
+    cfg = dict(golden["config_small_unet"])
+    for key, value in FLAVOURS[flavour].items():
+        if key != "context_dropout":  # stored as context_dropout_probability
+            cfg.setdefault(key, value)
+    return UNetConfig.from_reference(cfg)
+
+
+def golden_unet(golden: dict, flavour: str = "idiff_face", dtype=None):
+    """The golden's UNet in eval mode with its weights loaded strictly.
+
+    IDiff-Face/ADMIS keep a zero empty context, so their variant drops ``empty_context_embedding``.
+    """
+    from synray.models.unet import ConditionalUNet
+
+    cfg = golden_unet_config(golden, flavour)
+    state = dict(golden["state_dict"])
+    if not cfg.learn_empty_context:
+        state.pop("empty_context_embedding")
+    model = ConditionalUNet(cfg)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
 
 
 # --- servers and Ray -------------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""Alignment matrices and warps against golden/align_crop_resample.npz (insightface, SynFace, face.evoLVe)."""
+"""Alignment matrices and warps against golden/align_crop_resample.npz (insightface, SynFace, face.evoLVe).
+
+Output sizes of the insightface template, matrices and warps are read from the keys that name them
+(``align_M_insightface_128``); the number of landmark sets from the stored array.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from synray.align import (
     arcface_template, cp2tform_matrix, estimate_norm, facevolve_reference, landmarks68_to_5, norm_crop,
     resize, similarity_matrix, synface_crop, synface_matrix, umeyama, warp,
 )
+
+from conftest import golden_key, golden_keys
 
 # Matrices are float64 estimates: spec §9 asks atol 1e-6 (they agree to the last bit here).
 MATRIX_ATOL = 1e-6
@@ -30,8 +36,9 @@ def summary(reference):
 
 
 def test_templates(golden, summary):
-    np.testing.assert_array_equal(arcface_template(112), golden["align_arcface_dst_112"])
-    np.testing.assert_allclose(arcface_template(112), summary["arcface_dst_112"], atol=1e-6)
+    key, p = golden_key(golden, "align_arcface_dst_{size}")
+    np.testing.assert_array_equal(arcface_template(p["size"]), golden[key])
+    np.testing.assert_allclose(arcface_template(p["size"]), summary[key.removeprefix("align_")], atol=1e-6)
     np.testing.assert_allclose(facevolve_reference(), golden["align_ref_facevolve_96x112"], atol=1e-12)
     np.testing.assert_allclose(facevolve_reference(square=True), golden["align_ref_facevolve_square_112"], atol=1e-12)
     np.testing.assert_allclose(facevolve_reference(), summary["facevolve_REFERENCE_FACIAL_POINTS_96x112"], atol=1e-12)
@@ -41,17 +48,17 @@ def test_templates(golden, summary):
         arcface_template(100)
 
 
-@pytest.mark.parametrize("key,fn", [
-    ("align_M_insightface_112", lambda lm: estimate_norm(lm, 112)),
-    ("align_M_insightface_128", lambda lm: estimate_norm(lm, 128)),
-    ("align_M_synface_skimage_96x112", lambda lm: synface_matrix(lm)),
-    ("align_M_facevolve_cp2tform_96x112", lambda lm: synface_matrix(lm, "cp2tform")),
-    ("align_M_facevolve_cp2tform_square_112", lambda lm: synface_matrix(lm, "cp2tform", square=True)),
+@pytest.mark.parametrize("template,fn", [
+    ("align_M_insightface_{size}", lambda lm, p: estimate_norm(lm, p["size"])),
+    ("align_M_synface_skimage_96x112", lambda lm, p: synface_matrix(lm)),
+    ("align_M_facevolve_cp2tform_96x112", lambda lm, p: synface_matrix(lm, "cp2tform")),
+    ("align_M_facevolve_cp2tform_square_112", lambda lm, p: synface_matrix(lm, "cp2tform", square=True)),
 ])
-def test_alignment_matrices(golden, key, fn):
-    got = np.stack([fn(lm) for lm in golden["align_landmarks"]])
-    assert got.shape == (6, 2, 3) and got.dtype == np.float64
-    np.testing.assert_allclose(got, golden[key], rtol=0, atol=MATRIX_ATOL)
+def test_alignment_matrices(golden, template, fn):
+    for key, p in golden_keys(golden, template):
+        got = np.stack([fn(lm, p) for lm in golden["align_landmarks"]])
+        assert got.shape == (len(golden["align_landmarks"]), 2, 3) and got.dtype == np.float64
+        np.testing.assert_allclose(got, golden[key], rtol=0, atol=MATRIX_ATOL)
 
 
 def test_skimage_vs_cp2tform_difference(golden, summary):
@@ -60,18 +67,19 @@ def test_skimage_vs_cp2tform_difference(golden, summary):
     assert diff == pytest.approx(summary["max_abs_diff_skimage_vs_cp2tform_96x112"], abs=1e-6)
 
 
-@pytest.mark.parametrize("key,crop,size", [
-    ("align_warp_insightface_112", lambda img, lm: norm_crop(img, lm, 112), (112, 112)),
-    ("align_warp_synface_96x112", lambda img, lm: synface_crop(img, lm), (112, 96)),
+@pytest.mark.parametrize("template,crop,size", [
+    ("align_warp_insightface_{size}", lambda img, lm, p: norm_crop(img, lm, p["size"]), lambda p: (p["size"],) * 2),
+    ("align_warp_synface_96x112", lambda img, lm, p: synface_crop(img, lm), lambda p: (112, 96)),
 ])
-def test_warps(golden, key, crop, size):
+def test_warps(golden, template, crop, size):
     """cv2.warpAffine output; allow <=1 grey level on <=0.5% of the values (rounding), bit-exact here."""
-    img = golden["align_test_image_256"]
-    got = np.stack([crop(img, lm) for lm in golden["align_landmarks"]])
-    assert got.shape == (6, *size, 3) and got.dtype == np.uint8
-    diff = np.abs(got.astype(int) - golden[key].astype(int))
-    assert diff.max() <= 1
-    assert (diff > 0).mean() <= 0.005
+    img = golden[golden_key(golden, "align_test_image_{size}")[0]]
+    for key, p in golden_keys(golden, template):
+        got = np.stack([crop(img, lm, p) for lm in golden["align_landmarks"]])
+        assert got.shape == (len(golden["align_landmarks"]), *size(p), 3) and got.dtype == np.uint8
+        diff = np.abs(got.astype(int) - golden[key].astype(int))
+        assert diff.max() <= 1
+        assert (diff > 0).mean() <= 0.005
 
 
 def test_umeyama_recovers_a_similarity():

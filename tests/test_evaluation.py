@@ -1,4 +1,7 @@
-"""Verification, IJB, TinyFace and the ``synray eval`` command against golden/eval_protocols.*."""
+"""Verification, IJB, TinyFace and the ``synray eval`` command against golden/eval_protocols.*.
+
+Fold counts, FAR and FPR targets, ranks and array lengths come from the golden files.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +16,14 @@ from torch import nn
 from synray.evaluation import command
 from synray.evaluation.binset import write_bin
 from synray.evaluation.evaluate import embed, evaluate_bins, find_bins, fit_images, format_table
-from synray.evaluation.identification import dir_far, rank_accuracy
-from synray.evaluation.ijb import auc, ijb_scores, roc_curve, tpr_at_fpr
+from synray.evaluation.identification import TINYFACE_RANKS, dir_far, rank_accuracy
+from synray.evaluation.ijb import FPR_TARGETS, auc, ijb_scores, roc_curve, tpr_at_fpr
 from synray.evaluation.verification import (
     evaluate, fuse_flip, kfold, slinear_interp, synface_accuracy, synface_cosine,
 )
+from synray.models.registry import build_backbone
+
+from conftest import golden_key, golden_keys
 
 torch.set_num_threads(1)
 
@@ -34,42 +40,66 @@ def summary(reference):
 
 
 @pytest.fixture(scope="module")
-def flip_result(npz):
-    return evaluate(fuse_flip(npz["ver_emb"], npz["ver_emb_flip"]), npz["ver_issame"])
+def verification(npz, summary):
+    """The 1:1 verification summary; its key names the number of pairs."""
+    key, p = golden_key(summary, "verification_{pairs}_pairs")
+    assert p["pairs"] == len(npz["ver_issame"])
+    return summary[key]
 
 
-# ---------------------------------------------------------------- 1:1 verification (600 pairs)
+@pytest.fixture(scope="module")
+def protocol(npz, verification):
+    """``evaluate`` settings of the golden: the fold count and the FAR target of its TAR@FAR key."""
+    tar_key, p = golden_key(verification["insightface"], "val_tar_at_far{far}")
+    return {"n_folds": len(npz["insightface_fold_acc"]), "far_target": p["far"], "tar_key": tar_key}
+
+
+@pytest.fixture(scope="module")
+def flip_result(npz, protocol):
+    return evaluate(fuse_flip(npz["ver_emb"], npz["ver_emb_flip"]), npz["ver_issame"],
+                    n_folds=protocol["n_folds"], far_target=protocol["far_target"])
+
+
+# ---------------------------------------------------------------- 1:1 verification
 
 def test_flip_fusion(npz):
     np.testing.assert_allclose(fuse_flip(npz["ver_emb"], npz["ver_emb_flip"]), npz["ver_fused_normalized"], rtol=0, atol=1e-12)
 
 
-def test_insightface_accuracy_roc_and_tar(npz, summary, flip_result):
-    ref = summary["verification_600_pairs"]["insightface"]
+def test_insightface_accuracy_roc_and_tar(npz, verification, protocol, flip_result):
+    ref = verification["insightface"]
     np.testing.assert_allclose(flip_result.accuracy, npz["insightface_fold_acc"], rtol=0, atol=1e-12)
     assert flip_result.acc_mean == pytest.approx(ref["acc_mean"], abs=1e-12)
     assert flip_result.acc_std == pytest.approx(ref["acc_std"], abs=1e-12)
     np.testing.assert_allclose(flip_result.tpr, npz["insightface_tpr"], rtol=0, atol=1e-12)
     np.testing.assert_allclose(flip_result.fpr, npz["insightface_fpr"], rtol=0, atol=1e-12)
-    assert flip_result.tpr.shape == (400,)
-    # TAR@FAR=1e-3 with the scipy<=1.8 interp1d('slinear') rule on duplicated FARs
-    assert flip_result.val == pytest.approx(ref["val_tar_at_far1e-3"], abs=1e-12)
+    assert flip_result.tpr.shape == npz["insightface_tpr"].shape
+    # TAR@FAR with the scipy<=1.8 interp1d('slinear') rule on duplicated FARs
+    assert flip_result.val == pytest.approx(ref[protocol["tar_key"]], abs=1e-12)
     assert flip_result.val_std == pytest.approx(ref["val_std"], abs=1e-12)
     assert flip_result.far == pytest.approx(ref["far_mean"], abs=1e-12)
 
 
-def test_insightface_noflip(npz, summary):
-    ref = summary["verification_600_pairs"]["insightface_noflip"]
-    res = evaluate(fuse_flip(npz["ver_emb"]), npz["ver_issame"])
+def test_insightface_noflip(npz, verification, protocol):
+    ref = verification["insightface_noflip"]
+    res = evaluate(fuse_flip(npz["ver_emb"]), npz["ver_issame"], n_folds=protocol["n_folds"],
+                   far_target=protocol["far_target"])
     np.testing.assert_allclose(res.accuracy, npz["insightface_noflip_fold_acc"], rtol=0, atol=1e-12)
     assert res.acc_mean == pytest.approx(ref["acc_mean"], abs=1e-12)
     assert res.acc_std == pytest.approx(ref["acc_std"], abs=1e-12)
-    assert res.val == pytest.approx(ref["val_tar_at_far1e-3"], abs=1e-12)
+    assert res.val == pytest.approx(ref[protocol["tar_key"]], abs=1e-12)
     assert res.far == pytest.approx(ref["far_mean"], abs=1e-12)
 
 
-def test_tface_and_adaface_thresholds_and_bad_cases(npz, summary, flip_result):
-    ref = summary["verification_600_pairs"]
+def test_default_protocol_is_the_reference_one(npz, verification, protocol):
+    """``evaluate``'s defaults are the golden's protocol: the stored folds and TAR@FAR of the insightface run."""
+    res = evaluate(fuse_flip(npz["ver_emb"], npz["ver_emb_flip"]), npz["ver_issame"])
+    np.testing.assert_allclose(res.accuracy, npz["insightface_fold_acc"], rtol=0, atol=1e-12)
+    assert res.val == pytest.approx(verification["insightface"][protocol["tar_key"]], abs=1e-12)
+
+
+def test_tface_and_adaface_thresholds_and_bad_cases(npz, verification, flip_result):
+    ref = verification
     np.testing.assert_allclose(flip_result.accuracy, npz["tface_fold_acc"], rtol=0, atol=1e-12)
     np.testing.assert_allclose(flip_result.accuracy, ref["tface"]["fold_acc"], rtol=0, atol=1e-12)
     np.testing.assert_allclose(flip_result.best_thresholds, npz["tface_best_thresholds"], rtol=0, atol=1e-12)
@@ -80,12 +110,12 @@ def test_tface_and_adaface_thresholds_and_bad_cases(npz, summary, flip_result):
     assert flip_result.bad_case == npz["tface_bad_case"].tolist()
 
 
-def test_synface_cosine_rule(npz, summary):
-    ref = summary["verification_600_pairs"]["synface"]
+def test_synface_cosine_rule(npz, verification):
+    ref = verification["synface"]
     emb = npz["ver_emb"]
     np.testing.assert_allclose(synface_cosine(emb[0::2], emb[1::2]), npz["synface_predicts"][:, 0], rtol=0, atol=1e-7)
     np.testing.assert_array_equal(npz["synface_predicts"][:, 1].astype(bool), npz["ver_issame"])
-    acc, thresholds = synface_accuracy(npz["synface_predicts"])
+    acc, thresholds = synface_accuracy(npz["synface_predicts"], n_folds=len(ref["fold_acc"]))
     np.testing.assert_allclose(acc, ref["fold_acc"], rtol=0, atol=1e-12)
     np.testing.assert_allclose(thresholds, ref["best_cos_thresholds"], rtol=0, atol=1e-12)
     assert acc.mean() == pytest.approx(ref["acc_mean"], abs=1e-12)
@@ -142,14 +172,21 @@ def test_ijb(npz, summary, mode, score_key, json_key, auc_key):
                         faceness=npz["ijb_faceness"], mode=mode)
     np.testing.assert_allclose(scores, npz[score_key], rtol=0, atol=1e-12)
     ref = summary["ijb_synthetic"]
+    targets = tuple(row["fpr_target"] for row in ref[json_key])
     for s in (npz[score_key], scores):
-        rows = tpr_at_fpr(npz["ijb_label"], s)
-        assert len(rows) == len(ref[json_key]) == 6
+        rows = tpr_at_fpr(npz["ijb_label"], s, targets)
+        assert len(rows) == len(ref[json_key])
         for got, want in zip(rows, ref[json_key]):
             for k in ("fpr_target", "tpr", "fpr_selected", "threshold"):
                 assert got[k] == pytest.approx(want[k], rel=1e-12, abs=1e-12), (k, want["fpr_target"])
         fpr, tpr, _ = roc_curve(npz["ijb_label"], s)
         assert auc(fpr, tpr) == pytest.approx(ref[auc_key], abs=1e-12)
+
+
+def test_default_fpr_targets_are_the_reference_ones(summary):
+    for rows in (summary["ijb_synthetic"]["insightface_eval_ijbc_flip_add_norm_faceness"],
+                 summary["ijb_synthetic"]["tface_IJB_Evaluation_noflip_l2norm"]):
+        assert FPR_TARGETS == tuple(row["fpr_target"] for row in rows)
 
 
 def test_roc_curve_small_case():
@@ -165,8 +202,14 @@ def test_roc_curve_small_case():
 
 def test_tinyface_ranks(npz, summary):
     ref = summary["tinyface_synthetic"]
-    ranks = rank_accuracy(npz["tiny_feat_probe"], npz["tiny_labels_probe"], npz["tiny_feat_gallery"], npz["tiny_labels_gallery"])
-    assert ranks == {1: ref["rank1"], 5: ref["rank5"], 20: ref["rank20"]}
+    want = {p["rank"]: ref[key] for key, p in golden_keys(ref, "rank{rank}")}
+    ranks = rank_accuracy(npz["tiny_feat_probe"], npz["tiny_labels_probe"], npz["tiny_feat_gallery"],
+                          npz["tiny_labels_gallery"], ranks=tuple(sorted(want)))
+    assert ranks == want
+
+
+def test_default_ranks_are_the_reference_ones(summary):
+    assert TINYFACE_RANKS == tuple(sorted(p["rank"] for _, p in golden_keys(summary["tinyface_synthetic"], "rank{rank}")))
 
 
 def test_dir_far_open_set_toy():
@@ -253,11 +296,10 @@ def _parser():
 
 def test_eval_command_end_to_end(tmp_path, capsys):
     """A tiny random TinyFaR-C saved as a plain state dict, evaluated on a 20-pair .bin set."""
-    registry = pytest.importorskip("synray.models.registry")
     _write_set(tmp_path / "lfw.bin")
     torch.manual_seed(0)
     ckpt = tmp_path / "backbone.pth"
-    torch.save(registry.build_backbone("tinyfar_c").state_dict(), ckpt)
+    torch.save(build_backbone("tinyfar_c").state_dict(), ckpt)
     args = _parser().parse_args(["eval", "--backbone", "tinyfar_c", "--checkpoint", str(ckpt),
                                  "--bins", str(tmp_path / "lfw.bin"), "--batch-size", "20"])
     assert args.func is command.run
@@ -280,7 +322,6 @@ def test_eval_command_end_to_end(tmp_path, capsys):
 def test_eval_command_on_a_synray_checkpoint(tmp_path, capsys):
     """A synray checkpoint names its own architecture: no --backbone needed; a plain state dict is refused clearly."""
     from synray.models.export import save_backbone
-    from synray.models.registry import build_backbone
 
     _write_set(tmp_path / "lfw.bin")
     kw = {"layers": (1, 1, 1, 1), "widths": (8, 16, 16, 32), "embedding_dim": 32}

@@ -1,6 +1,13 @@
-"""Margin heads against the reference implementations' outputs (golden/heads_logits.pt)."""
+"""Margin heads against the reference implementations' outputs (golden/heads_logits.pt).
+
+Sizes come from the stored tensors, each head's settings (s, m, h, t_alpha, std, filtering threshold,
+mixup lambda) from the key naming its output, and the seed and classifier settings from ``meta``.
+"""
 
 from __future__ import annotations
+
+import json
+import re
 
 import pytest
 import torch
@@ -11,13 +18,15 @@ from synray.models.heads import (
     build_head, synface_mixup_loss,
 )
 
+from conftest import golden_key, golden_keys
+
 torch.set_num_threads(1)
 
 # Logits are scaled by s (64 or 30): compare at atol 1e-4 as spec §9 says; CE and gradients at 1e-5.
 LOGIT_TOL = dict(rtol=1e-5, atol=1e-4)
 TOL = dict(rtol=1e-5, atol=1e-5)
 
-D, C = 16, 10
+NUMBER = r"\d+(?:\.\d+)?"
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +34,23 @@ def golden(reference):
     return torch.load(reference / "recognition" / "golden" / "heads_logits.pt", weights_only=True)
 
 
-def _run(head, golden, key, grads=False, **extra):
+@pytest.fixture(scope="module")
+def meta(golden):
+    return json.loads(golden["meta"])
+
+
+def sizes(golden) -> tuple[int, int]:
+    """(embedding size D, number of classes C) of the stored class centres."""
+    d, c = golden["kernel_DxC"].shape
+    return int(d), int(c)
+
+
+def seed_from(text: str) -> int:
+    return int(re.search(r"manual_seed\((\d+)\)", text).group(1))
+
+
+def _run(head, golden, key, **extra):
+    """Logits, CE and, where the golden stores them, the gradients of the mean CE."""
     head.load_class_centres(golden["kernel_DxC"])
     emb = golden["embeddings"].clone().requires_grad_(True)
     logits = head(emb, golden["labels"], **extra)
@@ -33,95 +58,104 @@ def _run(head, golden, key, grads=False, **extra):
     ce = F.cross_entropy(logits, golden["labels"])
     if f"{key}_ce" in golden:
         torch.testing.assert_close(ce, golden[f"{key}_ce"], **TOL)
-    if grads:
+    if f"{key}_grad_emb" in golden:
         ce.backward()
         torch.testing.assert_close(emb.grad, golden[f"{key}_grad_emb"], **TOL)
         torch.testing.assert_close(head.kernel.grad, golden[f"{key}_grad_kernel_DxC"], **TOL)
     return head, logits
 
 
+TFACE_ARC = "tface_arcface_s{s}_m{m}"
+INSIGHT_ARC = "insightface_combined_arcface_s{s}"
 CASES = [
-    # (golden key, head factory, check gradients)
-    ("tface_arcface_s64_m0.5", lambda: ArcFace(D, C), True),
-    ("tface_arcface_s64_m0.5_easy", lambda: ArcFace(D, C, easy_margin=True), False),
-    ("tface_cosface_s64_m0.4", lambda: CosFace(D, C), True),
-    ("insightface_combined_arcface_s64", lambda: ArcFace(D, C, mode="insightface"), True),
-    ("insightface_combined_cosface_s64", lambda: build_head("cosface_insightface", D, C), True),
-    ("insightface_combined_arcface_s64_filter0.2",
-     lambda: ArcFace(D, C, mode="insightface", interclass_filtering_threshold=0.2), False),
-    ("adaface_repo_arcface_s64_m0.5", lambda: ArcFace(D, C, mode="angular", eps=1e-4), False),
-    ("adaface_repo_cosface_s64_m0.4", lambda: CosFace(D, C, eps=1e-4), False),
-    ("elasticface_repo_arcface_s64_m0.5", lambda: ArcFace(D, C, mode="angular"), False),
-    ("elasticface_repo_cosface_s64_m0.35", lambda: CosFace(D, C, m=0.35), False),
-    ("cfsm_arcface_s64_m0.5", lambda: ArcFace(D, C, sin_eps=1e-6, centres_layout="CxD"), False),
-    ("synface_arcmargin_s30_m0.5", lambda: SynFaceArcMargin(D, C), True),
-    ("synface_cosmargin_s30_m0.4", lambda: SynFaceCosMargin(D, C), False),
+    # (golden key template, head factory taking D, C and the key's numbers)
+    (TFACE_ARC, lambda d, c, p: ArcFace(d, c, **p)),
+    ("tface_arcface_s{s}_m{m}_easy", lambda d, c, p: ArcFace(d, c, easy_margin=True, **p)),
+    ("tface_cosface_s{s}_m{m}", lambda d, c, p: CosFace(d, c, **p)),
+    (INSIGHT_ARC, lambda d, c, p: ArcFace(d, c, mode="insightface", **p)),
+    ("insightface_combined_cosface_s{s}", lambda d, c, p: build_head("cosface_insightface", d, c, **p)),
+    ("insightface_combined_arcface_s{s}_filter{interclass_filtering_threshold}",
+     lambda d, c, p: ArcFace(d, c, mode="insightface", **p)),
+    ("adaface_repo_arcface_s{s}_m{m}", lambda d, c, p: ArcFace(d, c, mode="angular", eps=1e-4, **p)),
+    ("adaface_repo_cosface_s{s}_m{m}", lambda d, c, p: CosFace(d, c, eps=1e-4, **p)),
+    ("elasticface_repo_arcface_s{s}_m{m}", lambda d, c, p: ArcFace(d, c, mode="angular", **p)),
+    ("elasticface_repo_cosface_s{s}_m{m}", lambda d, c, p: CosFace(d, c, **p)),
+    ("cfsm_arcface_s{s}_m{m}", lambda d, c, p: ArcFace(d, c, sin_eps=1e-6, centres_layout="CxD", **p)),
+    ("synface_arcmargin_s{s}_m{m}", lambda d, c, p: SynFaceArcMargin(d, c, **p)),
+    ("synface_cosmargin_s{s}_m{m}", lambda d, c, p: SynFaceCosMargin(d, c, **p)),
 ]
 
 
-@pytest.mark.parametrize("key,factory,grads", CASES, ids=[c[0] for c in CASES])
-def test_head_logits_ce_and_grads(golden, key, factory, grads):
-    _run(factory(), golden, key, grads=grads)
+@pytest.mark.parametrize("template,factory", CASES, ids=[c[0] for c in CASES])
+def test_head_logits_ce_and_grads(golden, template, factory):
+    key, params = golden_key(golden, template)
+    _run(factory(*sizes(golden), params), golden, key)
 
 
 def test_insightface_margin_is_straight_through(golden):
     """The no-grad edit gives gradients different from TFace's differentiable ArcFace."""
-    tface, insight = "tface_arcface_s64_m0.5", "insightface_combined_arcface_s64"
+    (tface, _), (insight, params) = golden_key(golden, TFACE_ARC), golden_key(golden, INSIGHT_ARC)
     assert not torch.allclose(golden[f"{tface}_grad_emb"], golden[f"{insight}_grad_emb"], atol=1e-3)
-    _run(ArcFace(D, C, mode="insightface"), golden, insight, grads=True)
-    # no th/mm fallback: sample 1 (target cos ~ -0.9996) differs between the two modes
-    assert abs(float(golden[tface][1, 3] - golden[insight][1, 3])) > 1.0
+    _run(ArcFace(*sizes(golden), mode="insightface", **params), golden, insight)
+    # no th/mm fallback: the sample whose target cos is near -1 differs between the two modes
+    labels = golden["labels"]
+    i = int(golden["cosine"][torch.arange(len(labels)), labels].argmin())
+    assert abs(float(golden[tface][i, labels[i]] - golden[insight][i, labels[i]])) > 1.0
 
 
-@pytest.mark.parametrize("t_alpha", [1.0, 0.01])
-def test_adaface_logits_and_ema_buffers(golden, t_alpha):
-    key = f"adaface_m0.4_h0.333_s64_talpha{t_alpha}"
-    head = AdaFace(D, C, t_alpha=t_alpha)
-    assert float(head.batch_mean) == 20.0 and float(head.batch_std) == 100.0
-    head, _ = _run(head, golden, key, grads=t_alpha == 0.01)
-    torch.testing.assert_close(head.batch_mean, golden[f"adaface_talpha{t_alpha}_batch_mean_after"], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(head.batch_std, golden[f"adaface_talpha{t_alpha}_batch_std_after"], rtol=1e-6, atol=1e-6)
-    assert set(head.state_dict()) == {"kernel", "t", "batch_mean", "batch_std"}
+def test_adaface_logits_and_ema_buffers(golden, meta):
+    start = re.search(rf"batch_mean=({NUMBER}), batch_std=({NUMBER})", meta["adaface"])
+    for key, params in golden_keys(golden, "adaface_m{m}_h{h}_s{s}_talpha{t_alpha}"):
+        head = AdaFace(*sizes(golden), **params)
+        assert float(head.batch_mean) == float(start.group(1)) and float(head.batch_std) == float(start.group(2))
+        head, _ = _run(head, golden, key)
+        after = f"adaface_talpha{key.rsplit('_talpha', 1)[1]}"
+        torch.testing.assert_close(head.batch_mean, golden[f"{after}_batch_mean_after"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(head.batch_std, golden[f"{after}_batch_std_after"], rtol=1e-6, atol=1e-6)
+        assert set(head.state_dict()) == {"kernel", "t", "batch_mean", "batch_std"}
 
 
 def test_adaface_accepts_backbone_norms(golden):
     """AdaFace's own backbone returns (x/|x|, |x|); passing those equals passing raw embeddings."""
     emb = golden["embeddings"]
     norms = torch.norm(emb, 2, 1, True)
-    head = AdaFace(D, C, t_alpha=0.01)
-    head.load_class_centres(golden["kernel_DxC"])
-    out = head(emb / norms, golden["labels"], norms=norms)
-    torch.testing.assert_close(out, golden["adaface_m0.4_h0.333_s64_talpha0.01"], **LOGIT_TOL)
+    for key, params in golden_keys(golden, "adaface_m{m}_h{h}_s{s}_talpha{t_alpha}"):
+        head = AdaFace(*sizes(golden), **params)
+        head.load_class_centres(golden["kernel_DxC"])
+        out = head(emb / norms, golden["labels"], norms=norms)
+        torch.testing.assert_close(out, golden[key], **LOGIT_TOL)
 
 
 ELASTIC = [
-    ("elastic_arc_m0.5_std0.05", "elastic_arc"),
-    ("elastic_arc_plus_m0.5_std0.0175", "elastic_arc_plus"),
-    ("elastic_cos_m0.35_std0.05", "elastic_cos"),
-    ("elastic_cos_plus_m0.35_std0.02", "elastic_cos_plus"),
+    ("elastic_arc_m{m}_std{std}", "elastic_arc"),
+    ("elastic_arc_plus_m{m}_std{std}", "elastic_arc_plus"),
+    ("elastic_cos_m{m}_std{std}", "elastic_cos"),
+    ("elastic_cos_plus_m{m}_std{std}", "elastic_cos_plus"),
 ]
 
 
-@pytest.mark.parametrize("key,name", ELASTIC, ids=[e[1] for e in ELASTIC])
-def test_elasticface_injected_and_seeded_margins(golden, key, name):
+@pytest.mark.parametrize("template,name", ELASTIC, ids=[e[1] for e in ELASTIC])
+def test_elasticface_injected_and_seeded_margins(golden, meta, template, name):
+    key, params = golden_key(golden, template)
     margins = golden[f"{key}_margins_drawn"]
-    _run(build_head(name, D, C), golden, key, margins=margins)
+    _run(build_head(name, *sizes(golden), **params), golden, key, margins=margins)
     # same torch RNG call as the reference: seeding reproduces the draw itself
-    head = build_head(name, D, C)
+    head = build_head(name, *sizes(golden), **params)
     head.load_class_centres(golden["kernel_DxC"])
-    torch.manual_seed(1234)
+    torch.manual_seed(seed_from(meta["elastic_seed"]))
     torch.testing.assert_close(head(golden["embeddings"], golden["labels"]), golden[key], **LOGIT_TOL)
 
 
 def test_elastic_plus_uses_reference_assignment(golden):
     """Row i gets sorted_margins[order[i]] (the reference's gather), not the inverse permutation."""
-    key = "elastic_cos_plus_m0.35_std0.02"
+    key, params = golden_key(golden, "elastic_cos_plus_m{m}_std{std}")
     drawn = golden[f"{key}_margins_drawn"]
-    head = ElasticCosFace(D, C, m=0.35, std=0.02, plus=True)
+    head = ElasticCosFace(*sizes(golden), plus=True, **params)
     head.load_class_centres(golden["kernel_DxC"])
     labels = golden["labels"]
-    target = head.cosine(golden["embeddings"])[torch.arange(8), labels]
-    applied = target - head(golden["embeddings"], labels, margins=drawn)[torch.arange(8), labels] / 64
+    rows = torch.arange(len(labels))
+    target = head.cosine(golden["embeddings"])[rows, labels]
+    applied = target - head(golden["embeddings"], labels, margins=drawn)[rows, labels] / head.s
     order = torch.argsort(target, descending=True)
     sorted_m = torch.sort(drawn.view(-1)).values
     torch.testing.assert_close(applied, sorted_m[order], rtol=0, atol=1e-5)
@@ -130,19 +164,26 @@ def test_elastic_plus_uses_reference_assignment(golden):
     assert not torch.allclose(applied, inverse, atol=1e-4)
 
 
-@pytest.mark.parametrize("lam", [1.0, 0.35])
-def test_synface_identity_and_domain_mixup(golden, lam):
-    head = SynFaceArcMargin(D, C)
+def synface_mixup_classifier(golden, meta) -> SynFaceArcMargin:
+    """The ArcMarginProduct(s, m) that ``meta`` names as the mixup classifier, with the golden centres."""
+    setting = re.search(rf"s=({NUMBER}),\s*m=({NUMBER})", meta["synface_mixup"])
+    head = SynFaceArcMargin(*sizes(golden), s=float(setting.group(1)), m=float(setting.group(2)))
     head.load_class_centres(golden["kernel_DxC"])
-    out, loss = synface_mixup_loss(head, golden["embeddings"], golden["synface_mixup_syn_label"],
-                                   golden["synface_mixup_real_label"], lam)
-    torch.testing.assert_close(out, golden[f"synface_mixup_lam{lam}_output"], **LOGIT_TOL)
-    torch.testing.assert_close(loss, golden[f"synface_mixup_lam{lam}_loss"], **TOL)
+    return head
+
+
+def test_synface_identity_and_domain_mixup(golden, meta):
+    head = synface_mixup_classifier(golden, meta)
+    for key, params in golden_keys(golden, "synface_mixup_lam{lam}_output"):
+        out, loss = synface_mixup_loss(head, golden["embeddings"], golden["synface_mixup_syn_label"],
+                                       golden["synface_mixup_real_label"], params["lam"])
+        torch.testing.assert_close(out, golden[key], **LOGIT_TOL)
+        torch.testing.assert_close(loss, golden[key.removesuffix("_output") + "_loss"], **TOL)
 
 
 def test_class_centres_layout(golden):
     """insightface/SynFace checkpoints store [C, D]: loading the transpose gives the same head."""
-    a, b = ArcFace(D, C), ArcFace(D, C)
+    a, b = ArcFace(*sizes(golden)), ArcFace(*sizes(golden))
     a.load_class_centres(golden["kernel_DxC"])
     b.load_class_centres(golden["kernel_DxC"].t().contiguous(), layout="CxD")
     assert torch.equal(a.kernel, b.kernel)
@@ -153,7 +194,8 @@ def test_class_centres_layout(golden):
 def test_unlabelled_rows_get_no_margin(golden):
     labels = golden["labels"].clone()
     labels[0] = -1
-    for head in (ArcFace(D, C), ArcFace(D, C, mode="insightface"), CosFace(D, C)):
+    d, c = sizes(golden)
+    for head in (ArcFace(d, c), ArcFace(d, c, mode="insightface"), CosFace(d, c)):
         head.load_class_centres(golden["kernel_DxC"])
         out = head(golden["embeddings"], labels)
         torch.testing.assert_close(out[0], head.s * head.cosine(golden["embeddings"])[0], rtol=1e-5, atol=1e-4)

@@ -2,7 +2,8 @@
 
 Replay tests feed the recorded eps back through a fake model, so they pin the update formulas,
 timesteps, alpha_bar indexing, guidance, flags and switch bookkeeping without any network. The
-end-to-end tests run the real small ConditionalUNet (golden weights) through the samplers.
+end-to-end tests run the real small ConditionalUNet (golden weights and config) through the samplers.
+Step counts, thresholds, guidance scales, seeds and the schedule are read from the golden file.
 Trajectory tolerance: atol = 1e-4 * max|ref| (README section 3).
 """
 
@@ -29,9 +30,11 @@ from synray.diffusion.sampling import METHODS, sample
 from synray.diffusion.schedule import BUFFER_NAMES, DiffusionSchedule, linear_schedule
 from synray.diffusion.uiface import aggregate_cross_attention, attention_change, uiface_sample
 
+from conftest import golden_key, golden_unet
+
 torch.set_num_threads(1)
 
-UIFACE_CASES = ("uiface_2stage_ddim5_default", "uiface_2stage_ddim5_mixed_switch")
+UIFACE_CASES = ("default", "mixed_switch")
 
 
 @pytest.fixture(scope="module")
@@ -40,18 +43,35 @@ def golden(reference):
 
 
 @pytest.fixture(scope="module")
-def unet_weights(reference):
-    return torch.load(reference / "generation" / "unet_small_golden.pt", weights_only=True)["state_dict"]
+def unet_golden(reference):
+    """The forward golden whose weights and config the sampler runs used."""
+    return torch.load(reference / "generation" / "unet_small_golden.pt", weights_only=True)
 
 
-def small_unet(weights, flavour: str):
-    unet = pytest.importorskip("synray.models.unet", reason="synray.models.unet is not available yet")
-    state = dict(weights)
-    if flavour != "uiface":
-        state.pop("empty_context_embedding")  # IDiff-Face/ADMIS keep a zero empty context, not stored
-    model = unet.ConditionalUNet(unet.UNetConfig.small(flavour))
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+@pytest.fixture(scope="module")
+def schedule(golden):
+    """The diffusion schedule of the golden runs, rebuilt from its stored betas."""
+    return DiffusionSchedule.from_betas(golden["schedule"]["betas"])
+
+
+def admis(golden: dict) -> dict:
+    """The ADMIS DDIM run (its key names the step count)."""
+    return golden[golden_key(golden, "admis_ddim{steps}")[0]]
+
+
+def ddpm(golden: dict) -> dict:
+    """The IDiff-Face ancestral run over all T steps (its key names T)."""
+    return golden[golden_key(golden, "idiff_ddpm_ancestral_T{T}")[0]]
+
+
+def uiface_case(golden: dict, case: str) -> dict:
+    """A UIFace two-stage run: ``default`` or ``mixed_switch`` (its key names the step count)."""
+    return golden[golden_key(golden, f"uiface_2stage_ddim{{steps}}_{case}")[0]]
+
+
+def ddim_skip(schedule: DiffusionSchedule, g: dict) -> int:
+    """Timestep spacing of a DDIM run with the golden's ``ddim_step`` steps."""
+    return schedule.T // g["ddim_step"]
 
 
 def close(actual, ref, rel=1e-4):
@@ -63,16 +83,23 @@ def close(actual, ref, rel=1e-4):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_schedule_buffers_match_reference(golden, reference):
-    sched = linear_schedule()
+def test_schedule_buffers_match_reference(golden):
+    """The library's linear schedule, at the golden's T, is the reference schedule stored in the file."""
+    T = golden["schedule"]["betas"].numel()
+    sched = linear_schedule(T)
     buffers = sched.buffers()
     assert tuple(buffers) == BUFFER_NAMES
-    layout = json.loads((reference / "generation" / "ddpm_checkpoint_layout.json").read_text())
-    assert {k: tuple(v) for k, v in layout["non_unet_entries"].items()} == {k: (1000,) for k in BUFFER_NAMES}
     for name in BUFFER_NAMES:
         torch.testing.assert_close(buffers[name], golden["schedule"][name], rtol=1e-6, atol=0)
-        assert buffers[name].dtype == torch.float32 and buffers[name].shape == (1000,)
+        assert buffers[name].dtype == torch.float32 and buffers[name].shape == (T,)
     torch.testing.assert_close(sched.alphas_prev, golden["schedule"]["alphas_prev_nonbuffer"], rtol=1e-6, atol=0)
+
+
+def test_linear_schedule_published_values(reference):
+    """The default schedule is the published one: linear 1e-4..0.02 over T=1000, as the checkpoints store it."""
+    sched = linear_schedule()
+    layout = json.loads((reference / "generation" / "ddpm_checkpoint_layout.json").read_text())
+    assert {k: tuple(v) for k, v in layout["non_unet_entries"].items()} == {k: (sched.T,) for k in BUFFER_NAMES}
     ab = sched.alpha_bars
     assert math.isclose(float(ab[0]), 0.9999, rel_tol=1e-6)
     assert math.isclose(float(ab[599]), 0.025879, rel_tol=1e-4)
@@ -102,55 +129,61 @@ class Replay:
         return out
 
 
-def test_ddim_timesteps_and_alpha_bar_indices(golden):
-    g = golden["admis_ddim5"]
-    sched = linear_schedule()
-    assert ddim_timesteps(5) == g["timesteps"] == [800, 600, 400, 200, 0]
+def test_ddim_timesteps_and_alpha_bar_indices(golden, schedule):
+    g = admis(golden)
+    skip = ddim_skip(schedule, g)
+    assert ddim_timesteps(g["ddim_step"], schedule.T) == g["timesteps"]
     assert len(ddim_timesteps(50)) == 50 and ddim_timesteps(50)[:2] == [980, 960]
-    ref = [ddim_alpha_bars(sched, t, 200, "reference") for t in g["timesteps"]]
+    ref = [ddim_alpha_bars(schedule, t, skip, "reference") for t in g["timesteps"]]
     torch.testing.assert_close(torch.stack([a for a, _ in ref]), g["alpha_bar_t_used"], rtol=1e-6, atol=0)
     torch.testing.assert_close(torch.stack([p for _, p in ref]), g["alpha_bar_prev_used"], rtol=1e-6, atol=0)
-    # textbook DDIM targets alpha_bar[t - skip] (and alpha_bar[0] before the final 1.0)
-    ab = sched.alpha_bars
-    text = torch.stack([ddim_alpha_bars(sched, t, 200, "textbook")[1] for t in g["timesteps"]])
-    torch.testing.assert_close(text, torch.stack([ab[600], ab[400], ab[200], ab[0], torch.tensor(1.0)]))
+    # textbook DDIM targets alpha_bar[t - skip] (so alpha_bar[0] before the final 1.0)
+    ab = schedule.alpha_bars
+    text = torch.stack([ddim_alpha_bars(schedule, t, skip, "textbook")[1] for t in g["timesteps"]])
+    torch.testing.assert_close(text, torch.stack([ab[t - skip] if t >= skip else torch.tensor(1.0)
+                                                  for t in g["timesteps"]]))
     with pytest.raises(ValueError, match="valid"):
-        ddim_alpha_bars(sched, 800, 200, "diffusers")
+        ddim_alpha_bars(schedule, g["timesteps"][0], skip, "diffusers")
 
 
-def test_ddim_reference_replay_matches_golden(golden):
-    g, inputs = golden["admis_ddim5"], golden["inputs"]
+def test_ddim_reference_replay_matches_golden(golden, schedule):
+    g, inputs = admis(golden), golden["inputs"]
     model = Replay(g["eps_per_step"], g["timesteps"], inputs["context"])
     traj = [inputs["x_T"]]
-    x = ddim_sample(model, inputs["x_T"], inputs["context"], steps=5, mode="reference",
-                    callback=lambda t, x_t, eps, x_next: traj.append(x_next))
-    assert model.n == 5
+    x = ddim_sample(model, inputs["x_T"], inputs["context"], steps=g["ddim_step"], mode="reference", eta=g["eta"],
+                    schedule=schedule, callback=lambda t, x_t, eps, x_next: traj.append(x_next))
+    assert model.n == len(g["timesteps"])
     close(torch.stack(traj), g["x_traj"])
     close(x, g["x_final"])
 
 
-def test_ddim_textbook_differs_from_reference(golden):
-    """Same eps, same timesteps; only alpha_bar_prev differs (t - skip vs t - skip - 1, ab[0] vs 1 at t=200)."""
-    g, inputs = golden["admis_ddim5"], golden["inputs"]
+def test_ddim_textbook_differs_from_reference(golden, schedule):
+    """Same eps, same timesteps; only alpha_bar_prev differs (t - skip vs t - skip - 1, ab[0] vs 1 at t=skip).
+
+    The margins are properties of the golden's data, not of the code: the step at t=skip differs only by
+    ab[0] vs 1, which shrinks as the step count grows (about 2.7x the tolerance at 8 steps, 5.8x at 5).
+    """
+    g, inputs = admis(golden), golden["inputs"]
     x_ref = g["x_traj"][:-1]
-    sched = linear_schedule()
+    skip = ddim_skip(schedule, g)
     for i, t in enumerate(g["timesteps"]):
-        ab_t, ab_prev = ddim_alpha_bars(sched, t, 200, "textbook")
+        ab_t, ab_prev = ddim_alpha_bars(schedule, t, skip, "textbook")
         step = ddim_step(x_ref[i], g["eps_per_step"][i], ab_t, ab_prev)
-        if t == 0:  # the last step targets alpha_bar = 1 in both modes
+        if t < skip:  # the last step targets alpha_bar = 1 in both modes
             close(step, g["x_traj"][i + 1])
         else:
             assert (step - g["x_traj"][i + 1]).abs().max() > 3e-4 * g["x_traj"][i + 1].abs().max()  # > 3x the tolerance
     model = Replay(g["eps_per_step"], g["timesteps"], inputs["context"])
-    x_text = ddim_sample(model, inputs["x_T"], inputs["context"], steps=5, mode="textbook")
+    x_text = ddim_sample(model, inputs["x_T"], inputs["context"], steps=g["ddim_step"], mode="textbook",
+                         eta=g["eta"], schedule=schedule)
     assert (x_text - g["x_final"]).abs().max() > 1e-2 * g["x_final"].abs().max()
 
 
-def test_ddim_real_unet_matches_golden(golden, unet_weights):
-    g, inputs = golden["admis_ddim5"], golden["inputs"]
-    model = small_unet(unet_weights, "idiff_face")
+def test_ddim_real_unet_matches_golden(golden, unet_golden, schedule):
+    g, inputs = admis(golden), golden["inputs"]
+    model = golden_unet(unet_golden, "idiff_face")
     traj, eps = [inputs["x_T"]], []
-    x = ddim_sample(model, inputs["x_T"], inputs["context"], steps=5,
+    x = ddim_sample(model, inputs["x_T"], inputs["context"], steps=g["ddim_step"], eta=g["eta"], schedule=schedule,
                     callback=lambda t, x_t, e, x_next: (traj.append(x_next), eps.append(e)))
     close(torch.stack(eps), g["eps_per_step"])
     close(torch.stack(traj), g["x_traj"])
@@ -190,33 +223,34 @@ def test_guidance_rules_and_call_order():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_ddpm_noise_free_last_two_updates(golden):
-    d = golden["idiff_ddpm_ancestral_T1000"]
-    sched = linear_schedule()
-    close(ddpm_step(sched, d["x_in_at"][1], d["eps_at"][1], 1), d["x_in_at"][0], rel=1e-6)
-    close(ddpm_step(sched, d["x_in_at"][0], d["eps_at"][0], 0), d["x_final"], rel=1e-6)
+def test_ddpm_noise_free_last_two_updates(golden, schedule):
+    d = ddpm(golden)
+    close(ddpm_step(schedule, d["x_in_at"][1], d["eps_at"][1], 1), d["x_in_at"][0], rel=1e-6)
+    close(ddpm_step(schedule, d["x_in_at"][0], d["eps_at"][0], 0), d["x_final"], rel=1e-6)
 
 
 class Stop(Exception):
     pass
 
 
-def test_ddpm_first_step_noise_convention(golden):
-    """Seeding the generator 777 reproduces the first noisy step x_999 -> x_998 of the golden."""
-    d, inputs = golden["idiff_ddpm_ancestral_T1000"], golden["inputs"]
+def test_ddpm_first_step_noise_convention(golden, schedule):
+    """Seeding the generator with the golden's noise_seed reproduces its first noisy step x_{T-1} -> x_{T-2}."""
+    d, inputs = ddpm(golden), golden["inputs"]
+    first, second = schedule.T - 1, schedule.T - 2
     seen = {}
 
     def model(x, t, context=None):
         step = int(t[0])
         seen[step] = x
-        if step == 998:
+        if step == second:
             raise Stop
         return d["eps_at"][step]
 
     with pytest.raises(Stop):
-        ddpm_sample(model, inputs["x_T"], inputs["context"], generator=torch.Generator().manual_seed(777))
-    close(seen[999], d["x_in_at"][999])
-    close(seen[998], d["x_in_at"][998])
+        ddpm_sample(model, inputs["x_T"], inputs["context"], schedule=schedule,
+                    generator=torch.Generator().manual_seed(d["noise_seed"]))
+    close(seen[first], d["x_in_at"][first])
+    close(seen[second], d["x_in_at"][second])
 
 
 def test_ddpm_reference_vs_textbook_noise():
@@ -262,18 +296,19 @@ def test_per_sample_generators_make_noise_independent_of_batch():
         ddpm_sample(zero, x_T, schedule=sched, generator=gens([1, 2]))
 
 
-def test_ddpm_1000_steps_real_unet_matches_golden(golden, unet_weights):
-    """1000 UNet calls on a 3x3x16x16 batch: about 17 s on one CPU thread."""
-    d, inputs = golden["idiff_ddpm_ancestral_T1000"], golden["inputs"]
-    model = small_unet(unet_weights, "idiff_face")
+def test_ddpm_1000_steps_real_unet_matches_golden(golden, unet_golden, schedule):
+    """All T UNet calls (1000 on a 3x3x16x16 batch: about 17 s on one idle CPU thread)."""
+    d, inputs = ddpm(golden), golden["inputs"]
+    model = golden_unet(unet_golden, "idiff_face")
     seen = {}
 
     def record(t, x_t, eps, x_next):
         if t in d["x_in_at"]:
             seen[t] = (x_t, eps)
 
-    x = ddpm_sample(model, inputs["x_T"], inputs["context"], generator=torch.Generator().manual_seed(777),
-                    callback=record)
+    x = ddpm_sample(model, inputs["x_T"], inputs["context"], schedule=schedule,
+                    generator=torch.Generator().manual_seed(d["noise_seed"]), callback=record)
+    assert seen.keys() == d["x_in_at"].keys()
     for t in d["x_in_at"]:
         close(seen[t][0], d["x_in_at"][t])
         close(seen[t][1], d["eps_at"][t])
@@ -288,7 +323,7 @@ def test_ddpm_1000_steps_real_unet_matches_golden(golden, unet_weights):
 class UIFaceReplay:
     """Replays the golden `unet_calls`, checking every call's timestep, context, injections and flag."""
 
-    def __init__(self, calls, context, n_slots=16):
+    def __init__(self, calls, context, n_slots):
         self.calls, self.context, self.n, self.n_slots = calls, context, 0, n_slots
 
     def __call__(self, x, t, context=None, condition_flag=None, self_attn_logits=None, cross_attn_logits=None,
@@ -311,37 +346,53 @@ class UIFaceReplay:
         return call["eps"]
 
 
+def uiface_settings(g: dict) -> dict:
+    """The keyword arguments of ``uiface_sample`` that a golden case was run with."""
+    return dict(steps=g["ddim_step"], step_th=g["step_th"], mse_th=g["MSE_th"], cfg_scale=g["cfg_scale"], eta=g["eta"])
+
+
+def expected_switches(g: dict, timesteps: list[int]) -> list[int]:
+    """Per sample, the timestep of the first stage-1 check whose stored criterion is below MSE_th (-1: none).
+
+    Checks run at every stage-1 step after the first, one row of ``rmse_checks`` each.
+    """
+    checks = [t for t in timesteps if t >= g["step_th"]][1:]
+    assert len(checks) == len(g["rmse_checks"])
+    out = []
+    for b in range(g["rmse_checks"].shape[1]):
+        below = [t for t, row in zip(checks, g["rmse_checks"]) if float(row[b]) < g["MSE_th"]]
+        out.append(below[0] if below else -1)
+    return out
+
+
 @pytest.mark.parametrize("case", UIFACE_CASES)
-def test_uiface_replay_matches_golden(golden, case):
-    g, inputs = golden[case], golden["inputs"]
-    model = UIFaceReplay(g["unet_calls"], inputs["context"])
+def test_uiface_replay_matches_golden(golden, unet_golden, schedule, case):
+    g, inputs = uiface_case(golden, case), golden["inputs"]
+    n_slots = len(unet_golden["uiface"]["cross_attn_logits_cond"])
+    model = UIFaceReplay(g["unet_calls"], inputs["context"], n_slots)
     maps = iter(g["attn_map_traj"])  # the stage-1 maps, in order, stand in for the aggregated logits
 
     def attention_map(cross_logits, batch):
-        assert batch == 3 and len(cross_logits) == 16
+        assert batch == inputs["x_T"].shape[0] and len(cross_logits) == n_slots
         return next(maps)
 
-    res = uiface_sample(model, inputs["x_T"], inputs["context"], steps=5, step_th=g["step_th"], mse_th=g["MSE_th"],
-                        cfg_scale=g["cfg_scale"], attention_map=attention_map, record=True)
-    assert model.n == len(g["unet_calls"]) == 10
+    res = uiface_sample(model, inputs["x_T"], inputs["context"], **uiface_settings(g), schedule=schedule,
+                        attention_map=attention_map, record=True)
+    assert model.n == len(g["unet_calls"]) == 2 * len(res.timesteps)  # an empty and an identity pass per step
     close(torch.stack(res.trajectory), g["x_traj"])
     close(res.x, g["x_final"])
     torch.testing.assert_close(torch.stack(res.criterion), g["rmse_checks"], rtol=0, atol=1e-6)
     n_stage1 = sum(t >= g["step_th"] for t in res.timesteps)
-    assert res.stage == [1] * n_stage1 + [2] * (5 - n_stage1)
+    assert res.stage == [1] * n_stage1 + [2] * (len(res.timesteps) - n_stage1)
     close(torch.stack(res.attention_maps), g["attn_map_traj"])  # stage 2 repeats the last stage-1 map
-    if case.endswith("mixed_switch"):
-        assert res.switched_at.tolist() == [600, 400, 400]
-    else:
-        assert res.switched_at.tolist() == [-1, -1, -1]
+    assert res.switched_at.tolist() == expected_switches(g, res.timesteps)
 
 
 @pytest.mark.parametrize("case", UIFACE_CASES)
-def test_uiface_real_unet_matches_golden(golden, unet_weights, case):
-    g, inputs = golden[case], golden["inputs"]
-    model = small_unet(unet_weights, "uiface")
-    res = uiface_sample(model, inputs["x_T"], inputs["context"], steps=5, step_th=g["step_th"], mse_th=g["MSE_th"],
-                        cfg_scale=g["cfg_scale"], record=True)
+def test_uiface_real_unet_matches_golden(golden, unet_golden, schedule, case):
+    g, inputs = uiface_case(golden, case), golden["inputs"]
+    model = golden_unet(unet_golden, "uiface")
+    res = uiface_sample(model, inputs["x_T"], inputs["context"], **uiface_settings(g), schedule=schedule, record=True)
     assert len(res.calls) == len(g["unet_calls"])
     for mine, ref in zip(res.calls, g["unet_calls"]):
         assert mine.t == ref["t"]
@@ -356,8 +407,18 @@ def test_uiface_real_unet_matches_golden(golden, unet_weights, case):
     torch.testing.assert_close(torch.stack(res.criterion), g["rmse_checks"], rtol=0, atol=1e-5)
     close(torch.stack(res.trajectory), g["x_traj"])
     close(res.x, g["x_final"])
-    if case.endswith("default"):  # the entry point's defaults are the published settings used here
-        close(sample(model, inputs["x_T"], inputs["context"], method="uiface", steps=5), g["x_final"])
+    assert res.switched_at.tolist() == expected_switches(g, res.timesteps)
+    # the entry point forwards the same settings
+    options = dict(step_th=g["step_th"], mse_th=g["MSE_th"], eta=g["eta"], schedule=schedule)
+    close(sample(model, inputs["x_T"], inputs["context"], method="uiface", steps=g["ddim_step"],
+                 guidance=g["cfg_scale"], **options), g["x_final"])
+
+
+def test_uiface_entry_point_defaults_are_the_published_settings(golden, unet_golden):
+    """The "default" golden case was run with the published config, which is what ``sample`` uses unasked."""
+    g, inputs = uiface_case(golden, "default"), golden["inputs"]
+    model = golden_unet(unet_golden, "uiface")
+    close(sample(model, inputs["x_T"], inputs["context"], method="uiface", steps=g["ddim_step"]), g["x_final"])
 
 
 def test_attention_aggregation_properties():
@@ -462,10 +523,10 @@ def test_dpmpp_mixture_close_to_fine_ddim():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_sample_entry_point_dispatch_and_errors(golden):
-    g, inputs = golden["admis_ddim5"], golden["inputs"]
+def test_sample_entry_point_dispatch_and_errors(golden, schedule):
+    g, inputs = admis(golden), golden["inputs"]
     x = sample(Replay(g["eps_per_step"], g["timesteps"], inputs["context"]), inputs["x_T"], inputs["context"],
-               method="ddim", steps=5)
+               method="ddim", steps=g["ddim_step"], eta=g["eta"], schedule=schedule)
     close(x, g["x_final"])
     model = gaussian_mixture_eps([[0.0, 0.0]], [0.5], [1.0])
     x_T = torch.randn(4, 2, dtype=torch.float64)

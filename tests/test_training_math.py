@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -29,6 +30,8 @@ from synray.training.mixup import (
 )
 from synray.training.partial_fc import ShardedClassifier, class_split, sample_centres
 from synray.training.recognition import Learner, TrainPlan, learning_rate
+
+from conftest import golden_key, golden_keys
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,24 +166,28 @@ def test_partial_fc_sampling_keeps_positives_and_uses_sampled_softmax():
 # --- SynFace mixups -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("lam", [1.0, 0.35])
-def test_synface_mixup_matches_golden(reference, lam):
+def test_synface_mixup_matches_golden(reference):
+    """Every stored mixup lambda, with the ArcMarginProduct(s, m) classifier that the golden's meta names."""
     g = torch.load(reference / "recognition" / "golden" / "heads_logits.pt", weights_only=True)
     emb, kernel, syn, real = g["embeddings"], g["kernel_DxC"], g["synface_mixup_syn_label"], g["synface_mixup_real_label"]
-    head = SynFaceArcMargin(16, 10)
+    d, c = kernel.shape
+    setting = re.search(r"s=(\d+(?:\.\d+)?),\s*m=(\d+(?:\.\d+)?)", json.loads(g["meta"])["synface_mixup"])
+    head = SynFaceArcMargin(d, c, s=float(setting.group(1)), m=float(setting.group(2)))
     with torch.no_grad():
         head.kernel.copy_(kernel)
-    targets = synface_targets(syn[:, 0].long(), syn[:, 1], syn[:, 2].long(), real, lam)
-    logits = mixed_logits(head, emb, targets)
-    loss = soft_cross_entropy(logits, targets)
-    torch.testing.assert_close(logits, g[f"synface_mixup_lam{lam}_output"], atol=1e-4, rtol=0)
-    torch.testing.assert_close(loss, g[f"synface_mixup_lam{lam}_loss"], atol=1e-5, rtol=0)
-    # the sharded classifier (one worker) computes the same loss
-    clf = ShardedClassifier(head, 10, 0)
-    torch.testing.assert_close(clf(emb, targets)[0], loss, atol=1e-5, rtol=0)
-    # and so does the heads module's reference transcription
-    _, ref_loss = synface_mixup_loss(head, emb, syn, real, lam)
-    torch.testing.assert_close(ref_loss, loss, atol=1e-5, rtol=0)
+    for key, p in golden_keys(g, "synface_mixup_lam{lam}_output"):
+        lam = p["lam"]
+        targets = synface_targets(syn[:, 0].long(), syn[:, 1], syn[:, 2].long(), real, lam)
+        logits = mixed_logits(head, emb, targets)
+        loss = soft_cross_entropy(logits, targets)
+        torch.testing.assert_close(logits, g[key], atol=1e-4, rtol=0)
+        torch.testing.assert_close(loss, g[key.removesuffix("_output") + "_loss"], atol=1e-5, rtol=0)
+        # the sharded classifier (one worker) computes the same loss
+        clf = ShardedClassifier(head, c, 0)
+        torch.testing.assert_close(clf(emb, targets)[0], loss, atol=1e-5, rtol=0)
+        # and so does the heads module's reference transcription
+        _, ref_loss = synface_mixup_loss(head, emb, syn, real, lam)
+        torch.testing.assert_close(ref_loss, loss, atol=1e-5, rtol=0)
 
 
 def test_synface_mixup_by_hand():
@@ -228,7 +235,7 @@ def test_domain_mixup_inputs_and_lambda_grid():
 # --- CFSM ---------------------------------------------------------------------------------------
 
 
-def test_cfsm_generator_matches_manifest(reference):
+def test_cfsm_generator_defaults_are_the_published_manifest(reference):
     manifest = json.loads((reference / "recognition" / "manifests" / "cfsm_generator.json").read_text())
     sd = CFSMGenerator().state_dict()
     assert {k: list(v.shape) for k, v in sd.items()} == manifest["state_dict"]
@@ -405,18 +412,58 @@ def test_checkpoint_resumes_on_a_different_worker_count(tmp_path):
         Learner(cfg, _plan(9)).restore(reader)
 
 
+LR_STEP = "tface_admis_epoch_lr_LRS{lrs}_STAGES{stages}_{epochs}ep"
+LR_POLY_WARMUP = "insightface_PolynomialLRWarmup_base{base}_warm{warmup}_total{total}_power{power}"
+LR_POLY = "cfsm_PolyScheduler_base{base}_warm{warmup}_max{max}_power{power}"
+
+
+def _lr_schedules(reference) -> dict:
+    path = reference / "recognition" / "golden" / "align_crop_resample_schedules.json"
+    return json.loads(path.read_text())["lr_schedules"]
+
+
+def _per_step(cfg: TrainConfig, total: int) -> list[float]:
+    """The LR of each of ``total`` iterations, as ``cfg.epochs`` epochs of equal length."""
+    steps_per_epoch = total // cfg.epochs
+    assert steps_per_epoch * cfg.epochs == total
+    return [learning_rate(cfg, k // steps_per_epoch, k % steps_per_epoch, k, steps_per_epoch) for k in range(total)]
+
+
+def _train_config(**fields) -> TrainConfig:
+    return TrainConfig.model_validate({"data": {"train": "x"}, **fields})
+
+
 def test_learning_rates_match_reference_schedules(reference):
-    golden = json.loads((reference / "recognition" / "golden" / "align_crop_resample_schedules.json").read_text())["lr_schedules"]
-    step_cfg = TrainConfig.model_validate({"data": {"train": "x"}, "epochs": 40})  # TFace/ADMIS defaults
-    per_epoch = [learning_rate(step_cfg, e, 0, e * 10, 10) for e in range(40)]
-    assert per_epoch == golden["tface_admis_epoch_lr_LRS[0.1,0.01,0.001,0.0001]_STAGES[22,28,32]_40ep"]
-    poly = TrainConfig.model_validate({"data": {"train": "x"}, "epochs": 10,
-                                       "schedule": {"name": "poly_warmup", "warmup_steps": 10}})
-    lrs = [learning_rate(poly, k // 10, k % 10, k, 10) for k in range(100)]
-    assert lrs == golden["insightface_PolynomialLRWarmup_base0.1_warm10_total100_power1"][:100]
-    cfsm = TrainConfig.model_validate({"data": {"train": "x"}, "epochs": 10, "schedule": {"name": "poly", "warmup_steps": 10}})
-    lrs = [learning_rate(cfsm, k // 10, k % 10, k, 10) for k in range(100)]
-    assert lrs == pytest.approx(golden["cfsm_PolyScheduler_base0.1_warm10_max100_power2"][:100], abs=1e-15)
+    """Configs set to each stored schedule's settings (read off its key) give its learning rates."""
+    golden = _lr_schedules(reference)
+    key, p = golden_key(golden, LR_STEP)
+    step_cfg = _train_config(epochs=p["epochs"], optimizer={"lr": p["lrs"][0]},
+                             schedule={"milestones": p["stages"], "lrs": p["lrs"]})
+    assert [learning_rate(step_cfg, e, 0, e * 10, 10) for e in range(p["epochs"])] == golden[key]
+    key, p = golden_key(golden, LR_POLY_WARMUP)
+    epochs = math.gcd(p["total"], 10)  # 10 epochs of 10 iterations for the published 100
+    poly = _train_config(epochs=epochs, optimizer={"lr": p["base"]},
+                         schedule={"name": "poly_warmup", "warmup_steps": p["warmup"], "power": p["power"]})
+    assert _per_step(poly, p["total"]) == golden[key][:p["total"]]
+    key, p = golden_key(golden, LR_POLY)
+    epochs = math.gcd(p["max"], 10)
+    cfsm = _train_config(epochs=epochs, optimizer={"lr": p["base"]},
+                         schedule={"name": "poly", "warmup_steps": p["warmup"], "power": p["power"]})
+    assert _per_step(cfsm, p["max"]) == pytest.approx(golden[key][:p["max"]], abs=1e-15)
+
+
+def test_default_schedules_are_the_reference_recipes(reference):
+    """Unset lr, milestones, gamma and power default to TFace/ADMIS, insightface and CFSM's recipes."""
+    golden = _lr_schedules(reference)
+    key, p = golden_key(golden, LR_STEP)
+    step_cfg = _train_config(epochs=p["epochs"])
+    assert [learning_rate(step_cfg, e, 0, e * 10, 10) for e in range(p["epochs"])] == golden[key]
+    key, p = golden_key(golden, LR_POLY_WARMUP)
+    poly = _train_config(epochs=math.gcd(p["total"], 10), schedule={"name": "poly_warmup", "warmup_steps": p["warmup"]})
+    assert _per_step(poly, p["total"]) == golden[key][:p["total"]]
+    key, p = golden_key(golden, LR_POLY)
+    cfsm = _train_config(epochs=math.gcd(p["max"], 10), schedule={"name": "poly", "warmup_steps": p["warmup"]})
+    assert _per_step(cfsm, p["max"]) == pytest.approx(golden[key][:p["max"]], abs=1e-15)
 
 
 # --- config ---------------------------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""VQ-f4 first-stage autoencoder against the reference manifests and ``vq_small_golden.pt``."""
+"""VQ-f4 first-stage autoencoder against the reference manifests and ``vq_small_golden.pt``.
+
+Models are built from the config each file stores; the presets' agreement with those files is tested
+on its own.
+"""
 
 from __future__ import annotations
 
@@ -33,35 +37,55 @@ def golden(gen):
 
 
 @pytest.fixture(scope="module")
-def small(golden):
-    cfg = VQConfig.from_reference(golden["config"])
-    assert cfg == VQConfig.small()
+def cfg(golden):
+    return VQConfig.from_reference(golden["config"])
+
+
+@pytest.fixture(scope="module")
+def small(golden, cfg):
     enc, dec = VQEncoder(cfg).eval(), VQDecoder(cfg).eval()
     enc.load_state_dict(golden["encoder_state_dict"], strict=True)
     dec.load_state_dict(golden["decoder_state_dict"], strict=True)
     return enc, dec
 
 
+def _meta(gen, name: str) -> dict:
+    return json.loads((gen / f"{name}.keys.json").read_text())["_meta"]
+
+
+@pytest.mark.parametrize("name", ["vq_encoder", "vq_decoder"])
+def test_published_preset_is_the_manifest_config(gen, name):
+    assert VQConfig.from_reference(_meta(gen, name)["config"]) == VQConfig()
+
+
+def test_small_preset_is_the_golden_config(cfg):
+    """``VQConfig.small()`` (used by other tests) is the config of ``vq_small_golden.pt``."""
+    assert cfg == VQConfig.small()
+
+
 @pytest.mark.parametrize("name,cls", [("vq_encoder", VQEncoder), ("vq_decoder", VQDecoder)])
 def test_state_dict_matches_manifest(gen, name, cls):
     man = json.loads((gen / f"{name}.keys.json").read_text())
-    assert VQConfig.from_reference(man["_meta"]["config"]) == VQConfig()
     with torch.device("meta"):
-        model = cls()
+        model = cls(VQConfig.from_reference(man["_meta"]["config"]))
     got = [(k, list(v.shape)) for k, v in model.state_dict().items()]
     assert got == list(man["state_dict"].items())
     assert sum(p.numel() for p in model.parameters()) == man["_meta"]["n_parameters_total"]
 
 
 def test_published_shapes(gen):
-    meta = json.loads((gen / "vq_encoder.keys.json").read_text())["_meta"]
+    """The manifest's input (the size its decoded shape restores) encodes to its latent shape and back."""
+    meta = _meta(gen, "vq_encoder")
+    latent_key = next(k for k in meta if k.startswith("latent_shape_for_"))
+    cfg = VQConfig.from_reference(meta["config"])
+    batch = 2
     with torch.device("meta"):
-        enc, dec = VQEncoder(), VQDecoder()
-        z = enc.encode(torch.empty(2, 3, 128, 128))
+        enc, dec = VQEncoder(cfg), VQDecoder(cfg)
+        z = enc.encode(torch.empty(batch, *meta["decoded_shape"][1:]))
         zq, idx = dec.quantize(z)
         x = dec.decode(z)
-    assert list(z.shape[1:]) == meta["latent_shape_for_128x128_input"][1:]
-    assert zq.shape == z.shape and idx.shape == (2, 32, 32)
+    assert list(z.shape[1:]) == meta[latent_key][1:]
+    assert zq.shape == z.shape and idx.shape == (batch, *meta[latent_key][2:])
     assert list(x.shape[1:]) == meta["decoded_shape"][1:]
 
 
@@ -82,13 +106,13 @@ def test_golden(small, golden):
         assert torch.equal(dec.quantize(zq)[1], idx)
 
 
-def test_loaders_strict(tmp_path, small, golden):
+def test_loaders_strict(tmp_path, small, golden, cfg):
     enc_path = tmp_path / "first_stage_encoder_state_dict.pt"
     dec_path = tmp_path / "first_stage_decoder_state_dict.pt"
     torch.save(golden["encoder_state_dict"], enc_path)
     torch.save({f"module.{k}": v for k, v in golden["decoder_state_dict"].items()}, dec_path)
-    enc = load_vq_encoder(enc_path, VQConfig.small())
-    dec = load_vq_decoder(dec_path, VQConfig.small())
+    enc = load_vq_encoder(enc_path, cfg)
+    dec = load_vq_decoder(dec_path, cfg)
     assert not enc.training and not dec.training
     with torch.no_grad():
         torch.testing.assert_close(dec.decode(enc.encode(golden["image"])), golden["x_rec"], **TOL)
@@ -101,21 +125,24 @@ def test_loaders_strict(tmp_path, small, golden):
     bad.pop("post_quant_conv.bias")
     torch.save(bad, dec_path)
     with pytest.raises(CheckpointError) as err:
-        load_vq_decoder(dec_path, VQConfig.small())
+        load_vq_decoder(dec_path, cfg)
     assert "quantize.embedding.weight" in str(err.value) and "post_quant_conv.bias" in str(err.value)
     # An encoder file given to the decoder loader.
     with pytest.raises(CheckpointError, match="unexpected keys.*encoder.conv_in.weight"):
-        load_vq_decoder(enc_path, VQConfig.small())
+        load_vq_decoder(enc_path, cfg)
 
 
-def test_bad_input(small):
+def test_bad_input(small, golden, cfg):
     enc, dec = small
-    with pytest.raises(ValueError, match=r"image must be \[B, 3, H, W\]"):
-        enc.encode(torch.zeros(1, 1, 32, 32))
-    with pytest.raises(ValueError, match="divisible by 2"):
-        enc.encode(torch.zeros(1, 3, 31, 32))
-    with pytest.raises(ValueError, match=r"z must be \[B, 3, H, W\]"):
-        dec.decode(torch.zeros(1, 4, 16, 16))
+    _, c, h, w = golden["image"].shape
+    _, zc, zh, zw = golden["z"].shape
+    with pytest.raises(ValueError, match=rf"image must be \[B, {c}, H, W\]"):
+        enc.encode(torch.zeros(1, c + 1, h, w))
+    if cfg.downsampling > 1:
+        with pytest.raises(ValueError, match=f"divisible by {cfg.downsampling}"):
+            enc.encode(torch.zeros(1, c, h - 1, w))
+    with pytest.raises(ValueError, match=rf"z must be \[B, {zc}, H, W\]"):
+        dec.decode(torch.zeros(1, zc + 1, zh, zw))
     with pytest.raises(ValueError, match="double_z"):
         VQConfig.from_reference({"ddconfig": {"double_z": True, "ch": 32}})
     with pytest.raises(ValueError, match="unknown VQ ddconfig"):
