@@ -40,6 +40,7 @@ from synray.io import storage
 from synray.jobs import JobContext, Need, Outcome
 from synray.redact import redact, redact_text
 from synray.tracking import PARENT_TAG, Tracker, close_orphans, ensure_experiment, job_run, numeric_metrics, resolve_tracking_uri
+from synray.training.checkpointing import run_storage
 from synray.training.runner import Callback, tune_hooks
 
 __all__ = ["SweepOutcome", "load_target", "trial_config", "param_space", "check", "needs", "run", "distill_trainable",
@@ -290,7 +291,8 @@ def run(cfg: SweepConfig, ctx: JobContext) -> SweepOutcome:
 
     tracker = ctx.tracker
     exp_uri = storage.join(cfg.output.uri, cfg.name)
-    loc, exp_loc = storage.resolve(cfg.output.uri), storage.resolve(exp_uri)
+    # Tune's checkpoints and state go through the same atomic uploads as Ray Train's
+    (path, fs), (exp_path, exp_fs) = run_storage(cfg.output.uri), run_storage(exp_uri)
     restored = _restorable(cfg)
     identity = sweep_identity(cfg, base)
     if restored:
@@ -300,8 +302,8 @@ def run(cfg: SweepConfig, ctx: JobContext) -> SweepOutcome:
     if restored and tracker.run_id:
         close_orphans(tracker.uri, cfg.tracking.experiment, tracker.run_id)
     if restored:
-        tuner = tune.Tuner.restore(exp_loc.path, trainable, resume_unfinished=True, resume_errored=True,
-                                   storage_filesystem=exp_loc.fs)
+        tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=exp_fs)
     else:
         loggers = []
         if tracker.run_id:
@@ -320,7 +322,7 @@ def run(cfg: SweepConfig, ctx: JobContext) -> SweepOutcome:
                 search_alg=BasicVariantGenerator(max_concurrent=cfg.max_concurrent_trials,
                                                  random_state=cfg.search.seed)),
             run_config=tune.RunConfig(
-                name=cfg.name, storage_path=loc.path, storage_filesystem=loc.fs, callbacks=loggers, verbose=0,
+                name=cfg.name, storage_path=path, storage_filesystem=fs, callbacks=loggers, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=cfg.trial_max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.num_to_keep)),
         )
