@@ -107,21 +107,25 @@ def _tracking_store(cfg: Any) -> str | None:
 
 
 def check_writes(cfg: Any) -> None:
-    """Under ``ray job submit``, a local output inside the job's temporary working dir is an error."""
+    """Under ``ray job submit`` no local output may lie inside the job's temporary working dir; then every
+    output must be writable (an unreachable S3 endpoint answers in seconds, not minutes)."""
+    from synray.io import storage
+
     workdir = under_job_submit()
-    if workdir is None:
-        return
-    root = os.path.join(os.path.realpath(workdir), "")
-    what = ("is inside this job's temporary working dir (a relative path resolves into Ray's copy of "
-            "--working-dir, which is deleted with the session)")
-    for key, out in _writes(cfg).items():
-        if is_local(out.uri) and os.path.join(os.path.realpath(out.uri), "").startswith(root):
-            raise ConfigError(f"{key}: {out.uri} {what}; give an absolute path on storage every node sees "
-                              f"(and {key.rsplit('.', 1)[0]}.shared: true on a multi-node cluster) or an s3:// URI")
-    store = _tracking_store(cfg)
-    if store and os.path.realpath(store).startswith(root):
-        raise ConfigError(f"tracking.uri: the MLflow store {store} {what}; set tracking.uri to an absolute "
-                          "sqlite:/// path or an http:// MLflow server (or MLFLOW_TRACKING_URI), or tracking.enabled: false")
+    if workdir is not None:
+        root = os.path.join(os.path.realpath(workdir), "")
+        what = ("is inside this job's temporary working dir (a relative path resolves into Ray's copy of "
+                "--working-dir, which is deleted with the session)")
+        for key, out in _writes(cfg).items():
+            if is_local(out.uri) and os.path.join(os.path.realpath(out.uri), "").startswith(root):
+                raise ConfigError(f"{key}: {out.uri} {what}; give an absolute path on storage every node sees "
+                                  f"(and {key.rsplit('.', 1)[0]}.shared: true on a multi-node cluster) or an s3:// URI")
+        store = _tracking_store(cfg)
+        if store and os.path.realpath(store).startswith(root):
+            raise ConfigError(f"tracking.uri: the MLflow store {store} {what}; set tracking.uri to an absolute "
+                              "sqlite:/// path or an http:// MLflow server (or MLFLOW_TRACKING_URI), or tracking.enabled: false")
+    for out in _writes(cfg).values():
+        storage.check_writable(out.uri)
 
 
 def _cluster_shapes() -> tuple[list[dict[str, float]], dict[str, float], dict[str, float], bool]:
