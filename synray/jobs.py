@@ -172,6 +172,7 @@ def run_job(cfg: BaseModel, *, callbacks: Sequence[Any] = (), quiet: bool | None
         if needs is not None:
             runtime.check_cluster_writes(cfg)
             runtime.preflight(needs)
+        runtime.check_storage(cfg)
         tracking = impl.tracking_run(cfg) if hasattr(impl, "tracking_run") else job_run(cfg, job.command)
         with tracking as tracker:
             return impl.run(cfg, JobContext(tracker, tuple(callbacks), quiet))

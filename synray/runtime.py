@@ -26,7 +26,7 @@ from synray.config import ConfigError, RayConfig
 from synray.config.paths import is_local
 from synray.errors import UserError
 
-__all__ = ["is_quiet", "init_ray", "under_job_submit", "check_writes", "check_cluster_writes", "preflight",
+__all__ = ["is_quiet", "init_ray", "under_job_submit", "check_writes", "check_cluster_writes", "check_storage", "preflight",
            "ResourceError", "configure_data_context"]
 
 
@@ -107,10 +107,7 @@ def _tracking_store(cfg: Any) -> str | None:
 
 
 def check_writes(cfg: Any) -> None:
-    """Under ``ray job submit`` no local output may lie inside the job's temporary working dir; then every
-    output must be writable (an unreachable S3 endpoint answers in seconds, not minutes)."""
-    from synray.io import storage
-
+    """Under ``ray job submit`` no local output may lie inside the job's temporary working dir."""
     workdir = under_job_submit()
     if workdir is not None:
         root = os.path.join(os.path.realpath(workdir), "")
@@ -124,6 +121,12 @@ def check_writes(cfg: Any) -> None:
         if store and os.path.realpath(store).startswith(root):
             raise ConfigError(f"tracking.uri: the MLflow store {store} {what}; set tracking.uri to an absolute "
                               "sqlite:/// path or an http:// MLflow server (or MLFLOW_TRACKING_URI), or tracking.enabled: false")
+
+
+def check_storage(cfg: Any) -> None:
+    """Every output can be written: an unreachable S3 endpoint answers in seconds, not after minutes of retries."""
+    from synray.io import storage
+
     for out in _writes(cfg).values():
         storage.check_writable(out.uri)
 
