@@ -131,8 +131,18 @@ def check_storage(cfg: Any) -> None:
         storage.check_writable(out.uri)
 
 
+def _autoscaler_v1_running() -> bool:
+    """Ray's v1 autoscaler publishes its status but not its node types: the cluster may grow in ways unknown here."""
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+    from ray._private import ray_constants
+
+    return bool(_internal_kv_initialized() and _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS))
+
+
 def _cluster_shapes() -> tuple[list[dict[str, float]], dict[str, float], dict[str, float], bool]:
-    """(node shapes now and per autoscaler node type, totals now, totals at most, may have several nodes)."""
+    """(node shapes now and per autoscaler node type, totals now, totals at most, may have several nodes).
+
+    Totals at most are infinite when an autoscaler runs whose node types are not known here."""
     import ray
     from ray._private.state import state
 
@@ -161,6 +171,8 @@ def _cluster_shapes() -> tuple[list[dict[str, float]], dict[str, float], dict[st
                 grow[k] = grow.get(k, 0.0) + n * v
         for k, v in grow.items():
             most[k] = max(most.get(k, 0.0), v)
+    elif _autoscaler_v1_running():
+        return [{"*": math.inf}], now, {"*": math.inf}, True
     return shapes, now, most, multi
 
 
@@ -186,6 +198,8 @@ def preflight(needs: Sequence[Any]) -> None:
     if not needs:
         return
     shapes, now, most, _ = _cluster_shapes()
+    if "*" in most:  # an autoscaler whose node types are unknown here: nothing can be ruled out
+        return
     for need in needs:
         if not any(all(shape.get(k, 0.0) >= v for k, v in need.bundle.items()) for shape in shapes):
             raise ResourceError(

@@ -94,6 +94,9 @@ import sys  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
 
+# Ray's token authentication on, as users run it: explicitly, so that clients naming an address (test clusters,
+# `ray job submit`) use it too (Ray reads the mode once, when it is first imported)
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("SYNRAY_QUIET", "1")

@@ -116,7 +116,9 @@ def test_fake_cluster_scales_up_for_gpu_work_and_down_when_idle(monkeypatch):
 
     # AUTOSCALER_UPDATE_INTERVAL_S=1 (Ray's own fake-cluster tests use it) runs the autoscaler loop
     # every second instead of every 5 s, so scale-up and scale-down show sooner.
-    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "RAY_TMPDIR": tmp,
+    # token authentication stays on: `ray start` makes (or reuses) ~/.ray/auth_token, and clients that name an
+    # address read it only with RAY_AUTH_MODE=token, as the README tells cluster users
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_FAKE_CLUSTER": "1", "RAY_TMPDIR": tmp,
            "RAY_USAGE_STATS_ENABLED": "0", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     monkeypatch.setenv("RAY_TMPDIR", tmp)  # the driver's address file and logs stay in tmp too
     ray_exe = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
@@ -154,7 +156,8 @@ def test_fake_cluster_scales_up_for_gpu_work_and_down_when_idle(monkeypatch):
         job_fh = job_log.open("w")
         job = subprocess.Popen(
             [sys.executable, str(ROOT / "jobs" / "synthesize.py"), "--config", str(ROOT / "conf" / "synth" / "world.yaml"),
-             "--set", f"output.uri={dataset}", "--set", f"identities.count={JOB_UNITS * 4}",
+             "--set", f"output.uri={dataset}", "--set", "output.shared=true",  # every fake node is this machine
+             "--set", f"identities.count={JOB_UNITS * 4}",
              "--set", "identities.unit_size=4", "--set", "generator.images_per_identity=3",
              "--set", "generator.num_gpus=1", "--set", "generator.num_cpus=0.5",
              "--set", "tracking.enabled=false", "--quiet"],
