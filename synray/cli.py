@@ -8,6 +8,7 @@ the cluster's size) print as one message and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from synray.config.paths import project_conf_dir
@@ -129,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ray's token authentication, on for every Ray this command starts or joins: Ray reads the mode once, when it
+    # is first imported, and a client naming a cluster's address uses the token only when the mode says so
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

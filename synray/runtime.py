@@ -48,8 +48,9 @@ def configure_data_context(quiet: bool) -> None:
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
     log_once("ray_data_progress_manager_disabled")
-    ctx.print_on_execution_start = not quiet
+    ctx.print_on_execution_start = False
     if quiet:  # only synray's summary lines and errors
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow configures its loggers
         for name in ("ray.data", "mlflow"):
             logging.getLogger(name).setLevel(logging.ERROR)
     # Determinism: shards are keyed by unit, but ordered execution keeps logs and tests reproducible.
@@ -71,11 +72,11 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool | None = None) -> bool:
         ray.init(address=address, **kwargs)
     else:
         # No cluster given: a private local Ray. More logical CPUs than cores keeps Ray Data's read
-        # tasks schedulable next to actor pools and Train workers on small machines. Token authentication
-        # is Ray's default for a new cluster; saying so explicitly keeps it on without Ray's notice about it.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # tasks schedulable next to actor pools and Train workers on small machines.
+        # The dashboard comes with a terminal run (Ray Train's placement-group watcher needs its state API, and
+        # a person may want to look); quiet runs (CI) save its memory.
         ncpu = cfg.num_cpus or max(4, os.cpu_count() or 1)
-        ray.init(address="local", num_cpus=ncpu, include_dashboard=False, **kwargs)
+        ray.init(address="local", num_cpus=ncpu, include_dashboard=not quiet, **kwargs)
     configure_data_context(quiet)
     return True
 
@@ -132,11 +133,18 @@ def check_storage(cfg: Any) -> None:
 
 
 def _autoscaler_v1_running() -> bool:
-    """Ray's v1 autoscaler publishes its status but not its node types: the cluster may grow in ways unknown here."""
-    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+    """A v1 autoscaler with an autoscaling config publishes its status but not its node types: the cluster may
+    then grow in ways unknown here. Without a config (a local cluster) the monitor runs read-only, its node
+    types being the nodes themselves (``node_<id>``)."""
     from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
 
-    return bool(_internal_kv_initialized() and _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS))
+    raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) if _internal_kv_initialized() else None
+    if not raw:
+        return False
+    report = json.loads(raw).get("autoscaler_report") or {}
+    mapping = report.get("node_type_mapping") or {}
+    return any(kind != f"node_{node}" for node, kind in mapping.items()) or bool(report.get("pending_launches"))
 
 
 def _cluster_shapes() -> tuple[list[dict[str, float]], dict[str, float], dict[str, float], bool]:

@@ -223,6 +223,8 @@ def fit(
             failure_config=ray.train.FailureConfig(max_failures=checkpoint.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=checkpoint.num_to_keep),
             callbacks=train_callbacks,
+            # Ray Train's per-report INFO lines would bury synray's progress line; its warnings still show
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets=dict(datasets or {}),
         dataset_config=ray.train.DataConfig(datasets_to_split="all"),
