@@ -357,7 +357,7 @@ def test_uiface_real_unet_matches_golden(golden, unet_weights, case):
     close(torch.stack(res.trajectory), g["x_traj"])
     close(res.x, g["x_final"])
     if case.endswith("default"):  # the entry point's defaults are the published settings used here
-        close(sample(model, inputs["x_T"], inputs["context"], method="uiface", steps=5), g["x_final"])
+        close(sample({"method": "uiface", "steps": 5}, model, inputs["x_T"], inputs["context"]), g["x_final"])
 
 
 def test_attention_aggregation_properties():
@@ -464,25 +464,25 @@ def test_dpmpp_mixture_close_to_fine_ddim():
 
 def test_sample_entry_point_dispatch_and_errors(golden):
     g, inputs = golden["admis_ddim5"], golden["inputs"]
-    x = sample(Replay(g["eps_per_step"], g["timesteps"], inputs["context"]), inputs["x_T"], inputs["context"],
-               method="ddim", steps=5)
+    x = sample({"method": "ddim", "steps": 5}, Replay(g["eps_per_step"], g["timesteps"], inputs["context"]),
+               inputs["x_T"], inputs["context"])
     close(x, g["x_final"])
     model = gaussian_mixture_eps([[0.0, 0.0]], [0.5], [1.0])
     x_T = torch.randn(4, 2, dtype=torch.float64)
-    torch.testing.assert_close(sample(model, x_T, method="dpmpp", steps=10), dpmpp_2m_sample(model, x_T, steps=10))
-    assert set(METHODS) == {"ddpm", "ddim", "uiface", "dpmpp"}
+    torch.testing.assert_close(sample({"method": "dpmpp", "steps": 10}, model, x_T), dpmpp_2m_sample(model, x_T, steps=10))
+    assert set(METHODS) == {"ddpm", "ddim", "uiface", "dpmpp", "unipc"}
     with pytest.raises(ValueError, match="ddpm.*ddim.*uiface.*dpmpp"):
-        sample(model, x_T, method="euler")
+        sample({"method": "euler"}, model, x_T)
     with pytest.raises(ValueError, match="all T=1000 steps"):
-        sample(model, x_T, method="ddpm", steps=50)
+        sample({"method": "ddpm", "steps": 50}, model, x_T)
     with pytest.raises(ValueError, match="step_th"):
-        sample(model, x_T, method="ddim", step_th=500)
-    with pytest.raises(ValueError, match="no modes"):
-        sample(model, x_T, method="dpmpp", mode="textbook")
+        sample({"method": "ddim", "step_th": 500}, model, x_T)
+    with pytest.raises(ValueError, match="unknown key for method 'dpmpp'"):
+        sample({"method": "dpmpp", "mode": "textbook"}, model, x_T)
     with pytest.raises(ValueError, match="context must be"):
-        sample(model, x_T, torch.randn(3, 512), method="ddim")
+        sample({"method": "ddim"}, model, x_T, torch.randn(3, 512))
     with pytest.raises(ValueError, match="steps"):
-        sample(model, x_T, method="ddim", steps=0)
+        sample({"method": "ddim", "steps": 0}, model, x_T)
     train_mode = torch.nn.Linear(2, 2).train()
     with pytest.raises(ValueError, match="train mode"):
-        sample(train_mode, x_T, method="ddim")
+        sample({"method": "ddim"}, train_mode, x_T)

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from synray.config.base import OutputConfig, RayConfig, StrictModel, TrackingConfig
+from synray.config.sampler import DDIMSampler, SamplerConfig
 
 
 class SearchDim(StrictModel):
@@ -81,7 +82,7 @@ class ObjectiveConfig(StrictModel):
     embedder: str | None = None  # FR model measuring the samples; default: the LDM config's context embedder
     identities: int = Field(8, ge=2)
     images_per_identity: int = Field(4, ge=2)
-    sampler_steps: int = Field(10, ge=1, le=1000)
+    sampler: SamplerConfig = DDIMSampler(steps=10)  # how the objective samples the trial's LDM
     student: StudentObjectiveConfig = StudentObjectiveConfig()
     bins: list[str] = Field(default_factory=list)  # student_accuracy: verification sets
 
