@@ -154,7 +154,7 @@ def _errors_at_the_block(value: Any, handler: Any) -> Any:
                 continue
             if loc and loc[0] == tag:
                 loc = loc[1:]
-            if e["type"] == "extra_forbidden" and tag in SAMPLERS:
+            if e["type"] == "extra_forbidden" and tag in SAMPLERS and len(loc) == 1:
                 details.append({"type": PydanticCustomError(
                     "extra_forbidden", "unknown key for method '{method}' (its keys: {keys})",
                     {"method": tag, "keys": ", ".join(SAMPLERS[tag].model_fields)}), "loc": loc, "input": e["input"]})
