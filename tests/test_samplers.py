@@ -409,16 +409,16 @@ def test_uiface_real_unet_matches_golden(golden, unet_golden, schedule, case):
     close(res.x, g["x_final"])
     assert res.switched_at.tolist() == expected_switches(g, res.timesteps)
     # the entry point forwards the same settings
-    options = dict(step_th=g["step_th"], mse_th=g["MSE_th"], eta=g["eta"], schedule=schedule)
-    close(sample(model, inputs["x_T"], inputs["context"], method="uiface", steps=g["ddim_step"],
-                 guidance=g["cfg_scale"], **options), g["x_final"])
+    cfg = {"method": "uiface", "steps": g["ddim_step"], "eta": g["eta"], "guidance": g["cfg_scale"],
+           "two_stage": {"step_th": g["step_th"], "mse_th": g["MSE_th"]}}
+    close(sample(cfg, model, inputs["x_T"], inputs["context"], schedule=schedule), g["x_final"])
 
 
 def test_uiface_entry_point_defaults_are_the_published_settings(golden, unet_golden):
     """The "default" golden case was run with the published config, which is what ``sample`` uses unasked."""
     g, inputs = uiface_case(golden, "default"), golden["inputs"]
     model = golden_unet(unet_golden, "uiface")
-    close(sample(model, inputs["x_T"], inputs["context"], method="uiface", steps=g["ddim_step"]), g["x_final"])
+    close(sample({"method": "uiface", "steps": g["ddim_step"]}, model, inputs["x_T"], inputs["context"]), g["x_final"])
 
 
 def test_attention_aggregation_properties():
@@ -525,25 +525,26 @@ def test_dpmpp_mixture_close_to_fine_ddim():
 
 def test_sample_entry_point_dispatch_and_errors(golden, schedule):
     g, inputs = admis(golden), golden["inputs"]
-    x = sample(Replay(g["eps_per_step"], g["timesteps"], inputs["context"]), inputs["x_T"], inputs["context"],
-               method="ddim", steps=g["ddim_step"], eta=g["eta"], schedule=schedule)
+    x = sample({"method": "ddim", "steps": g["ddim_step"], "eta": g["eta"]},
+               Replay(g["eps_per_step"], g["timesteps"], inputs["context"]), inputs["x_T"], inputs["context"],
+               schedule=schedule)
     close(x, g["x_final"])
     model = gaussian_mixture_eps([[0.0, 0.0]], [0.5], [1.0])
     x_T = torch.randn(4, 2, dtype=torch.float64)
-    torch.testing.assert_close(sample(model, x_T, method="dpmpp", steps=10), dpmpp_2m_sample(model, x_T, steps=10))
-    assert set(METHODS) == {"ddpm", "ddim", "uiface", "dpmpp"}
+    torch.testing.assert_close(sample({"method": "dpmpp", "steps": 10}, model, x_T), dpmpp_2m_sample(model, x_T, steps=10))
+    assert set(METHODS) == {"ddpm", "ddim", "uiface", "dpmpp", "unipc"}
     with pytest.raises(ValueError, match="ddpm.*ddim.*uiface.*dpmpp"):
-        sample(model, x_T, method="euler")
+        sample({"method": "euler"}, model, x_T)
     with pytest.raises(ValueError, match="all T=1000 steps"):
-        sample(model, x_T, method="ddpm", steps=50)
+        sample({"method": "ddpm", "steps": 50}, model, x_T)
     with pytest.raises(ValueError, match="step_th"):
-        sample(model, x_T, method="ddim", step_th=500)
-    with pytest.raises(ValueError, match="no modes"):
-        sample(model, x_T, method="dpmpp", mode="textbook")
+        sample({"method": "ddim", "step_th": 500}, model, x_T)
+    with pytest.raises(ValueError, match="unknown key for method 'dpmpp'"):
+        sample({"method": "dpmpp", "mode": "textbook"}, model, x_T)
     with pytest.raises(ValueError, match="context must be"):
-        sample(model, x_T, torch.randn(3, 512), method="ddim")
+        sample({"method": "ddim"}, model, x_T, torch.randn(3, 512))
     with pytest.raises(ValueError, match="steps"):
-        sample(model, x_T, method="ddim", steps=0)
+        sample({"method": "ddim", "steps": 0}, model, x_T)
     train_mode = torch.nn.Linear(2, 2).train()
     with pytest.raises(ValueError, match="train mode"):
-        sample(train_mode, x_T, method="ddim")
+        sample({"method": "ddim"}, train_mode, x_T)

@@ -142,7 +142,7 @@ def test_ldm_cpd_sweep_with_asha_on_an_mlflow_server(ray_session, world_teacher,
     out = sweep(ROOT / "conf/sweep/world_ldm_cpd_tiny.yaml", [
         f"base={ROOT / 'conf/ldm/world_tiny.yaml'}", f"overrides=[{', '.join(base)}]",
         f"output.uri={tmp_path}/sweeps", f"tracking.uri={mlflow_server}", "tracking.experiment=t-cpd",
-        "objective.identities=4", "objective.images_per_identity=2", "objective.sampler_steps=2"])
+        "objective.identities=4", "objective.images_per_identity=2", "objective.sampler.steps=2"])
     assert not out.errors and len(out.trials) == 2 and out.metric == "objective/separability"
     cpd = {t["params"]["unet.context_dropout"]: t["metrics"] for t in out.trials}
     assert set(cpd) == {0.0, 0.5}

@@ -18,6 +18,7 @@ from synray.config.base import JobConfig, OutputConfig, StrictModel, TrackingCon
 from synray.config.paths import URI, ModelRef
 from synray.config.run import CheckpointConfig, EvalConfig, ScalingConfig
 from synray.config.train import BackboneConfig
+from synray.config.sampler import DDIMSampler, SamplerConfig
 
 
 class WorldLatentConfig(StrictModel):
@@ -37,7 +38,7 @@ class DistillGeneratorConfig(StrictModel):
     vq_decoder: URI | None = None  # LDM only
     vq_config: dict[str, Any] | None = None  # LDM only: non-published VQ sizes
     latent_shape: tuple[int, int, int] = (3, 32, 32)  # LDM only
-    sampler_steps: int = Field(20, ge=1, le=1000)  # LDM only: DDIM steps per image
+    sampler: SamplerConfig = DDIMSampler(steps=20)  # LDM only: how each image is sampled
     world: WorldLatentConfig = WorldLatentConfig()
     #: how generator output becomes the 112 face crop: SynthDistill's fixed FFHQ eye crop, a plain resize
     #: (generators whose output is already a face crop), or the generator's own default (``auto``)

@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 
 from synray.config.base import JobConfig, OutputConfig, StrictModel, TrackingConfig
 from synray.config.paths import URI, ConfigRef, ModelRef
+from synray.config.sampler import DDIMSampler, SamplerConfig
 
 
 class SearchDim(StrictModel):
@@ -84,7 +85,7 @@ class ObjectiveConfig(StrictModel):
     embedder: ModelRef | None = None  # FR model measuring the samples; default: the LDM config's context embedder
     identities: int = Field(8, ge=2)
     images_per_identity: int = Field(4, ge=2)
-    sampler_steps: int = Field(10, ge=1, le=1000)
+    sampler: SamplerConfig = DDIMSampler(steps=10)  # how the objective samples the trial's LDM
     student: StudentObjectiveConfig = StudentObjectiveConfig()
     bins: list[URI] = Field(default_factory=list)  # student_accuracy: verification sets
 

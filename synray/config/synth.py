@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from synray.config.base import JobConfig, OutputConfig, StrictModel
 from synray.config.paths import URI, ModelRef
+from synray.config.sampler import DDIMSampler, SamplerConfig
 
 
 class IdentitiesConfig(StrictModel):
@@ -48,23 +49,6 @@ class ContextsConfig(StrictModel):
         return self
 
 
-class TwoStageConfig(StrictModel):
-    """UIFace adaptive two-stage sampling (published values)."""
-
-    step_th: int = Field(500, ge=0, le=1000)
-    mse_th: float = Field(0.006, ge=0.0)
-
-
-class SamplerConfig(StrictModel):
-    method: Literal["ddpm", "ddim", "uiface", "dpmpp"] = "ddim"
-    steps: int = Field(50, ge=1, le=1000)
-    mode: Literal["reference", "textbook"] = "reference"
-    eta: float = Field(0.0, ge=0.0)
-    #: classifier-free guidance scale; None = the method's default (none; UIFace's published w = 1)
-    guidance: float | None = Field(None, ge=0.0)
-    two_stage: TwoStageConfig = TwoStageConfig()
-
-
 class GeneratorConfig(StrictModel):
     """Which generator makes the images and how its actor pool is sized."""
 
@@ -74,7 +58,7 @@ class GeneratorConfig(StrictModel):
     #: VQ architecture overrides (e.g. {ch: 32, ch_mult: [1, 2]}) for non-published decoders; None = published f4
     vq_config: dict[str, Any] | None = None
     latent_shape: tuple[int, int, int] = (3, 32, 32)
-    sampler: SamplerConfig = SamplerConfig()
+    sampler: SamplerConfig = DDIMSampler()  # ADMIS's DDIM-50 (see synray.config.sampler)
     images_per_identity: int = Field(50, ge=1)
     batch_size: int = Field(50, ge=1)
     num_gpus: float = Field(0.0, ge=0.0)

@@ -1,72 +1,98 @@
-"""One entry point over the samplers, used by the synthesis pipeline.
+"""One entry point over the samplers: a sampler config in, a denoised latent out.
 
-``method``: ``"ddpm"`` (IDiff-Face, all T steps), ``"ddim"`` (ADMIS), ``"uiface"`` (two-stage),
-``"dpmpp"`` (DPM-Solver++ 2M). ``mode`` picks the reference-compatible or the textbook variant where
-they differ (default "reference"; DPM-Solver++ has no modes). ``guidance`` is the classifier-free
-guidance scale: IDiff-Face rule w*c - (w-1)*u for ddpm/ddim/dpmpp (None = no guidance, two passes
-per step otherwise), UIFace rule (1+w)*c - w*u for uiface (None = the published w = 1).
+Synthesis (``LDMGenerator``), distillation (the LDM latent generator) and sweep objectives all call
+:func:`sample` with the ``sampler:`` block of their config (:mod:`synray.config.sampler`), so a method
+and its options mean the same everywhere and every default is the config's. The samplers themselves
+(``ddpm_sample``, ``ddim_sample``, ``uiface_sample``, ``dpmpp_2m_sample``, ``unipc_sample``) stay plain
+functions of tensors; this module only maps config fields onto their arguments.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
+from pydantic import TypeAdapter
 from torch import Tensor, nn
 
+from synray.config.sampler import (
+    METHODS,
+    SAMPLERS,
+    DDIMSampler,
+    DDPMSampler,
+    DPMppSampler,
+    SamplerConfig,
+    UIFaceSampler,
+    UniPCSampler,
+)
 from synray.diffusion.ddim import Generators, ddim_sample
 from synray.diffusion.ddpm import ddpm_sample
 from synray.diffusion.dpm_solver import dpmpp_2m_sample
-from synray.diffusion.schedule import linear_schedule
+from synray.diffusion.schedule import DiffusionSchedule, linear_schedule
 from synray.diffusion.uiface import uiface_sample
+from synray.diffusion.unipc import unipc_sample
 
-METHODS: tuple[str, ...] = ("ddpm", "ddim", "uiface", "dpmpp")
-DEFAULT_STEPS = {"ddim": 50, "uiface": 50, "dpmpp": 20}
-OPTIONS = {
-    "ddpm": {"schedule", "dropout_mask", "callback", "guidance_rule"},
-    "ddim": {"schedule", "dropout_mask", "callback", "guidance_rule", "eta"},
-    "uiface": {"schedule", "eta", "step_th", "mse_th"},
-    "dpmpp": {"schedule", "dropout_mask", "callback", "guidance_rule", "spacing"},
-}
+__all__ = ["METHODS", "Sampler", "sample", "sampler_config"]
+
+Sampler = DDPMSampler | DDIMSampler | UIFaceSampler | DPMppSampler | UniPCSampler
+_ADAPTER: TypeAdapter = TypeAdapter(SamplerConfig)
+
+
+def sampler_config(value: Sampler | Mapping[str, Any]) -> Sampler:
+    """A validated sampler config from a mapping (``{"method": "unipc", "steps": 5}``) or a config object."""
+    if isinstance(value, tuple(SAMPLERS.values())):
+        return value
+    return _ADAPTER.validate_python(dict(value) if isinstance(value, Mapping) else value)
+
+
+def _ddpm(cfg: DDPMSampler, model, x_T, context, generator, schedule) -> Tensor:
+    if cfg.steps != schedule.T:
+        raise ValueError(f"method 'ddpm' always runs all T={schedule.T} steps, got steps={cfg.steps}")
+    return ddpm_sample(model, x_T, context, mode=cfg.mode, generator=generator, guidance_scale=cfg.guidance,
+                       schedule=schedule)
+
+
+def _ddim(cfg: DDIMSampler, model, x_T, context, generator, schedule) -> Tensor:
+    return ddim_sample(model, x_T, context, steps=cfg.steps, mode=cfg.mode, eta=cfg.eta, guidance_scale=cfg.guidance,
+                       generator=generator, schedule=schedule)
+
+
+def _uiface(cfg: UIFaceSampler, model, x_T, context, generator, schedule) -> Tensor:
+    return uiface_sample(model, x_T, context, steps=cfg.steps, step_th=cfg.two_stage.step_th,
+                         mse_th=cfg.two_stage.mse_th, cfg_scale=cfg.guidance, eta=cfg.eta, mode=cfg.mode,
+                         generator=generator, schedule=schedule).x
+
+
+def _dpmpp(cfg: DPMppSampler, model, x_T, context, generator, schedule) -> Tensor:
+    return dpmpp_2m_sample(model, x_T, context, steps=cfg.steps, spacing=cfg.spacing, guidance_scale=cfg.guidance,
+                           schedule=schedule)
+
+
+def _unipc(cfg: UniPCSampler, model, x_T, context, generator, schedule) -> Tensor:
+    return unipc_sample(model, x_T, context, steps=cfg.steps, order=cfg.order, variant=cfg.variant,
+                        spacing=cfg.spacing, guidance_scale=cfg.guidance, schedule=schedule)
+
+
+_RUN: dict[str, Callable[..., Tensor]] = {"ddpm": _ddpm, "ddim": _ddim, "uiface": _uiface, "dpmpp": _dpmpp,
+                                          "unipc": _unipc}
 
 
 def sample(
+    cfg: Sampler | Mapping[str, Any],
     model: Callable,
     x_T: Tensor,
     context: Tensor | None = None,
-    method: str = "ddim",
-    steps: int | None = None,
-    mode: str | None = None,
-    guidance: float | None = None,
+    *,
     generator: Generators = None,
-    **options,
+    schedule: DiffusionSchedule | None = None,
 ) -> Tensor:
-    """Denoise x_T to a latent with the chosen sampler; returns the final x (no decoding)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown sampling method {method!r}; valid: {list(METHODS)}")
-    unknown = set(options) - OPTIONS[method]
-    if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)} for method {method!r}; valid: {sorted(OPTIONS[method])}")
+    """Denoise x_T with the configured sampler; returns the final latent (no decoding).
+
+    `generator` feeds the noise of stochastic samplers (``ddpm``; ``ddim``/``uiface`` with eta > 0):
+    a list with one generator per sample keeps each sample independent of its batch mates; None draws
+    from torch's global RNG. Deterministic samplers never draw. `schedule` defaults to the linear one.
+    """
+    cfg = sampler_config(cfg)
     if isinstance(model, nn.Module) and model.training:
         raise ValueError("model is in train mode (CPD dropout would be active while sampling); call model.eval() first")
-    if method == "dpmpp" and mode is not None:
-        raise ValueError(f"method 'dpmpp' has no modes, got mode={mode!r}")
-    mode = mode or "reference"
-    rule = options.pop("guidance_rule", "idiff")
-
-    if method == "ddpm":
-        T = (options.get("schedule") or linear_schedule()).T
-        if steps is not None and steps != T:
-            raise ValueError(f"method 'ddpm' always runs all T={T} steps, got steps={steps}; "
-                             "use 'ddim' or 'dpmpp' for fewer")
-        return ddpm_sample(model, x_T, context, mode=mode, generator=generator, guidance_scale=guidance,
-                           guidance_rule_name=rule, **options)
-    steps = DEFAULT_STEPS[method] if steps is None else steps
-    if method == "ddim":
-        return ddim_sample(model, x_T, context, steps=steps, mode=mode, guidance_scale=guidance,
-                           guidance_rule_name=rule, generator=generator, **options)
-    if method == "uiface":
-        cfg = 1.0 if guidance is None else guidance
-        return uiface_sample(model, x_T, context, steps=steps, cfg_scale=cfg, mode=mode, generator=generator,
-                             **options).x
-    return dpmpp_2m_sample(model, x_T, context, steps=steps, guidance_scale=guidance, guidance_rule_name=rule,
-                           **options)
+    return _RUN[cfg.method](cfg, model, x_T, context, generator, schedule or linear_schedule())

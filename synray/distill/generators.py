@@ -32,6 +32,7 @@ from torch import Tensor
 
 from synray.errors import UserError
 from synray.config.distill import DistillGeneratorConfig
+from synray.diffusion.sampling import sample
 from synray.training.resample import crop_and_resize
 
 __all__ = [
@@ -191,7 +192,8 @@ class DCGANLatentGenerator:
 
 class LDMLatentGenerator:
     """Identity-conditioned LDM: the latent is the identity context (projected onto the unit sphere,
-    as IDiff-Face's synthetic identities are); the start noise comes from the caller's generator."""
+    as IDiff-Face's synthetic identities are), sampled by ``generator.sampler``; the start noise comes
+    from the caller's generator."""
 
     name = "ldm"
     crop = "resize"
@@ -206,7 +208,7 @@ class LDMLatentGenerator:
         vq = VQConfig.from_dict(cfg.vq_config, key="generator.vq_config") if cfg.vq_config else None
         self.vq = load_vq_decoder(cfg.vq_decoder, vq, device=self.device).eval().requires_grad_(False)
         self.latent_shape = tuple(cfg.latent_shape)
-        self.steps = cfg.sampler_steps
+        self.sampler = cfg.sampler
         self.z_dim = self.w_dim = int(self.unet.config.context_input_channels)
 
     def map(self, z: Tensor) -> Tensor:
@@ -216,12 +218,11 @@ class LDMLatentGenerator:
 
     @torch.no_grad()
     def synthesize(self, w: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        from synray.diffusion.sampling import sample
-
+        """Images of contexts ``w``; x_T, then a stochastic sampler's noise, come from ``generator``."""
         _check_w(w, 1, self.w_dim, self.name)
         ctx = F.normalize(w[:, 0, :].float(), dim=1).to(self.device)
         x_T = torch.randn((w.shape[0], *self.latent_shape), generator=generator).to(self.device)
-        z = sample(self.unet, x_T, ctx, method="ddim", steps=self.steps)
+        z = sample(self.sampler, self.unet, x_T, ctx, generator=generator)
         return _to01(self.vq.decode(z))
 
     def to(self, device) -> LDMLatentGenerator:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from synray.config.synth import SynthConfig
+from synray.diffusion.sampling import sample
 from synray.seeds import sample_seed, torch_generator
 
 
@@ -66,8 +67,6 @@ class LDMGenerator:
 
     @torch.no_grad()
     def generate(self, ids: np.ndarray, contexts: np.ndarray, samples: np.ndarray) -> np.ndarray:
-        from synray.diffusion.sampling import sample
-
         s = self.cfg.generator.sampler
         jobs = [(int(i), k, c) for i, n, c in zip(ids, samples, contexts) for k in range(int(n))]
         out = []
@@ -75,17 +74,9 @@ class LDMGenerator:
             chunk = jobs[start:start + self.batch_size]
             seeds = [sample_seed(self.cfg.seed, i, k) for i, k, _ in chunk]
             ctx = torch.from_numpy(np.stack([c for _, _, c in chunk])).float().to(self.device)
-            options = {}
-            if s.method == "ddpm" or (s.method in ("ddim", "uiface") and s.eta > 0):
-                # per-image noise streams keep the result independent of the batch composition
-                options["generator"] = [torch_generator(sd ^ 0x5EED) for sd in seeds]
-            if s.method == "uiface":
-                options.update(step_th=s.two_stage.step_th, mse_th=s.two_stage.mse_th)
-            if s.method in ("ddim", "uiface"):
-                options["eta"] = s.eta
-            z = sample(self.unet, self._x_T(seeds), ctx, method=s.method,
-                       steps=None if s.method == "ddpm" else s.steps,
-                       mode=None if s.method == "dpmpp" else s.mode, guidance=s.guidance, **options)
+            # per-image noise streams keep a stochastic sampler's result independent of the batch composition
+            noise = [torch_generator(sd ^ 0x5EED) for sd in seeds] if s.stochastic else None
+            z = sample(s, self.unet, self._x_T(seeds), ctx, generator=noise)
             out.append(to_uint8(self.vq.decode(z)))
         return np.concatenate(out) if out else np.zeros((0, 1, 1, 3), np.uint8)
 

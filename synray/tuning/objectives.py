@@ -2,7 +2,7 @@
 
 The CPD ratio trades identity fidelity against diversity, and the diffusion loss does not show that
 trade-off. These objectives sample ``identities x images_per_identity`` faces from the EMA model
-(DDIM) and measure them with a frozen FR embedder:
+(with ``objective.sampler``, DDIM-10 by default) and measure them with a frozen FR embedder:
 
 * ``consistency``: mean cosine of each sample to its identity's mean embedding (same person?);
 * ``separability``: mean same-identity pair cosine minus mean different-identity pair cosine;
@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from synray.diffusion.sampling import Sampler, sample
+
 __all__ = ["sample_identities", "identity_metrics", "training_contexts", "ldm_objective", "OBJECTIVES"]
 
 OBJECTIVES = ("consistency", "separability", "verification_accuracy", "student_accuracy")
@@ -26,9 +28,12 @@ OBJECTIVES = ("consistency", "separability", "verification_accuracy", "student_a
 
 @torch.no_grad()
 def sample_identities(unet: nn.Module, decoder: nn.Module, contexts: np.ndarray, images_per_identity: int,
-                      latent_shape: tuple[int, ...], steps: int = 10, seed: int = 0, batch_size: int = 32) -> np.ndarray:
-    """uint8 RGB [K * M, H, W, 3], identity-major, from DDIM (eta 0) on unit contexts [K, D]."""
-    from synray.diffusion.sampling import sample
+                      latent_shape: tuple[int, ...], sampler: Sampler | dict, seed: int = 0,
+                      batch_size: int = 32) -> np.ndarray:
+    """uint8 RGB [K * M, H, W, 3], identity-major, sampled by ``sampler`` (a sampler config) on unit contexts [K, D].
+
+    x_T and a stochastic sampler's noise come from one generator seeded ``seed``.
+    """
     from synray.synthesis.generators import to_uint8
 
     was = unet.training
@@ -40,7 +45,7 @@ def sample_identities(unet: nn.Module, decoder: nn.Module, contexts: np.ndarray,
     out = []
     try:
         for s in range(0, len(ctx), batch_size):
-            z = sample(unet, noise[s:s + batch_size].to(device), ctx[s:s + batch_size].to(device), method="ddim", steps=steps)
+            z = sample(sampler, unet, noise[s:s + batch_size].to(device), ctx[s:s + batch_size].to(device), generator=gen)
             out.append(to_uint8(decoder.decode(z)))
     finally:
         unet.train(was)
@@ -107,7 +112,7 @@ def ldm_objective(unet: nn.Module, decoder: nn.Module, embedder: nn.Module, cont
     from synray.evaluation.evaluate import embed_faces
 
     m = objective.images_per_identity
-    images = sample_identities(unet, decoder, contexts, m, latent_shape, objective.sampler_steps, seed)
+    images = sample_identities(unet, decoder, contexts, m, latent_shape, objective.sampler, seed)
     labels = np.repeat(np.arange(len(contexts)), m)
     emb = embed_faces(embedder, images, flip=False)
     out = {f"objective/{k}": v for k, v in identity_metrics(emb, labels).items()}
