@@ -157,7 +157,7 @@ def world_ldm():
 
 def test_synthesis_generator_samples_with_its_sampler_block(world_ldm):
     from synray.synthesis.generators import LDMGenerator, to_uint8
-    from synray.synthesis.seeds import sample_seed, torch_generator
+    from synray.seeds import sample_seed, torch_generator
 
     g = world_ldm["generator"]
 
