@@ -376,3 +376,10 @@ def test_train_reads_rec_and_folders_directly(ray_session, world_shards, tmp_pat
         assert (plan["num_classes"], plan["train_rows"]) == (classes, rows)
         assert outcome.metrics["step"] == 2 * (rows // 32) and np.isfinite(outcome.metrics["loss"])
         assert "world-check" in outcome.verification and os.path.exists(outcome.model_uri)
+        # the final ROC: scores beside the model, a figure per verification set and the threshold table
+        assert set(outcome.extra["roc"]) == {"roc_world-check.png", "thresholds.txt"}
+        assert decode_image(Path(outcome.extra["roc"]["roc_world-check.png"]).read_bytes()).ndim == 3
+        from synray.evaluation.roc import load_scores
+
+        scores = load_scores(Path(outcome.extra["verification_scores"]).read_bytes())["world-check"]
+        assert scores["issame"].size == 40 and scores["dist"].shape == (40,)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from synray.errors import UserError
 from synray.io import recordio, shards, storage
@@ -78,7 +80,7 @@ class ImageSource:
         if self._row_identity is None:
             if self.kind == SHARDS:
                 def column(uri: str) -> np.ndarray:
-                    return shards.read_shard(uri).column("identity").to_numpy().astype(np.int64)
+                    return _shard_columns(uri, ["identity"]).column("identity").to_numpy().astype(np.int64)
 
                 with ThreadPoolExecutor(min(_THREADS, max(1, len(self.detail.files)))) as pool:
                     parts = list(pool.map(column, self.detail.files))
@@ -134,6 +136,31 @@ class ImageSource:
             images[sel], identity[sel], paths[sel] = part["image"], part["identity"], part["path"]
         return {"image": images, "identity": identity, "path": paths}
 
+    def identity_rows(self, identities: Sequence[int], per_identity: int) -> dict[int, list[int]]:
+        """Up to ``per_identity`` global rows of each given identity (its first ones in canonical order).
+
+        Shards are located from their footers and only the shards holding those identities are read.
+        """
+        want = {int(i) for i in identities}
+        out: dict[int, list[int]] = {i: [] for i in want}
+        if self.kind == SHARDS:
+            start = 0
+            for unit, uri in self.detail.shards.items():
+                meta = self.detail.metas[unit]
+                n = int(meta["_rows"])
+                if want & set(meta["stats"]["identities"]):
+                    ident = _shard_columns(uri, ["identity"]).column("identity").to_numpy()
+                    for r in range(n):
+                        lst = out.get(int(ident[r]))
+                        if lst is not None and len(lst) < per_identity:
+                            lst.append(start + r)
+                start += n
+            return out
+        ident = self.row_identity()
+        for i in want:
+            out[i] = np.flatnonzero(ident == i)[:per_identity].tolist()
+        return out
+
     def ray_dataset(self, rows_per_chunk: int = CHUNK_ROWS, num_cpus: float = 1.0):
         """A Ray Dataset of the rows (``image``, ``identity``, ``path``) in canonical order, one read task per chunk.
 
@@ -150,6 +177,16 @@ class ImageSource:
                               num_cpus=num_cpus)
 
 
+def _shard_columns(uri: str, columns: list[str]) -> pa.Table:
+    """Some columns of a shard whose footer was checked when its dataset was opened; errors name the file."""
+    loc = storage.resolve(uri)
+    try:
+        with loc.fs.open_input_file(loc.path) as fh:
+            return pq.read_table(fh, columns=columns)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise shards.ShardError(f"cannot read shard {uri}: {exc}") from exc
+
+
 def _read_batch(batch: dict[str, np.ndarray], chunks: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     parts = [read_chunk(chunks[int(i)]) for i in batch["chunk"]]
     return {k: np.concatenate([p[k] for p in parts]) for k in ("image", "identity", "path")}
@@ -163,7 +200,7 @@ def read_chunk(chunk: dict[str, Any], local_rows: Sequence[int] | None = None) -
     identity = np.empty(len(rows), np.int64)
     paths = np.empty(len(rows), object)
     if kind == SHARDS:
-        table = shards.read_shard(location).select(["image", "identity"])
+        table = _shard_columns(location, ["image", "identity"])
         col_img, col_id = table.column("image"), table.column("identity").to_numpy()
         for n, r in enumerate(rows):
             images[n], identity[n] = col_img[r].as_py(), col_id[r]
