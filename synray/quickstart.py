@@ -232,8 +232,10 @@ def run(cfg: QuickstartConfig, ctx: JobContext) -> Outcome:
     grid = os.path.join(synth_uri, "_samples.png")
     if os.path.exists(grid):
         tracker.log_artifact(grid)
-    students = {label: load_scores(storage.read_bytes(o.extra["verification_scores"])) for label, o in
-                (("real (baseline)", real), ("synthetic (LDM)", synthetic)) if o.extra.get("verification_scores")}
+    ran = [("real (baseline)", real), ("synthetic (LDM)", synthetic)]
+    ran += [("distilled (DCGAN + dlib)", distilled)] if cfg.distill.enabled else []
+    students = {label: load_scores(storage.read_bytes(o.extra["verification_scores"])) for label, o in ran
+                if o.extra.get("verification_scores")}
     if students:  # both students on the same axes, per verification set
         log_artifacts(tracker, roc_artifacts(students), "roc")
     results_path = os.path.join(cfg.output, "results.json")
