@@ -9,6 +9,7 @@ one run lists them all before a cluster is booked. Nothing starts Ray and nothin
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -128,6 +129,19 @@ def _embedding_dim(p: Problems, key: str, spec: str | None) -> int | None:
     return None
 
 
+@contextmanager
+def _local(uri: str) -> Iterator[str]:
+    """A local path of ``uri``: itself, or a temporary copy of an S3 object (as the job stages it)."""
+    if not storage.is_s3(uri):
+        yield uri
+        return
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, os.path.basename(uri))
+        with open(path, "wb") as fh:
+            fh.write(storage.read_bytes(uri))
+        yield path
+
+
 def _bins(p: Problems, key: str, bins: list[str]) -> None:
     """Every ``.bin`` set found and unpickled (restricted), with two images per pair."""
     if not bins:
@@ -214,8 +228,8 @@ def check_train(cfg: TrainConfig, p: Problems) -> None:
     if cfg.cfsm.enabled and _file(p, "cfsm.checkpoint", cfg.cfsm.checkpoint):
         from synray.models.cfsm import load_generator
 
-        with p.under("cfsm.checkpoint"):
-            load_generator(cfg.cfsm.checkpoint, freeze=True, **cfg.cfsm.generator)
+        with p.under("cfsm.checkpoint"), _local(cfg.cfsm.checkpoint) as path:
+            load_generator(path, freeze=True, **cfg.cfsm.generator)
     _bins(p, "eval.bins", cfg.eval.bins)
 
 

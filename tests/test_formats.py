@@ -22,7 +22,7 @@ from synray.export import finish_rec, plan_export, write_part
 from synray.io import recordio
 from synray.io.images import decode_image, encode_image
 from synray.io.shards import finish_dataset, write_shard
-from synray.io.sources import SourceError, open_source, parse_uri
+from synray.io.sources import SourceError, open_source, parse_uri, read_chunk
 from synray.jobs import load_job, run_job
 from synray.training.data import DataError, dataset_info
 from synray.world.world import World
@@ -161,6 +161,10 @@ def test_exported_rec_reads_back_with_the_spec_reader(world_shards, tmp_path):
     assert (src.kind, src.rows, src.num_classes) == ("rec", len(labels), len(ids))
     back = src.read_rows(np.arange(src.rows)[::-1])
     assert back["identity"].tolist() == labels[::-1] and list(back["image"]) == images[::-1]
+    chunk = src.chunks(50)[1]  # what a Ray Data read task gets: one byte range, then its records
+    assert chunk["span"][0] == min(chunk["offsets"]) and chunk["span"][1] > max(chunk["offsets"])
+    part = read_chunk(chunk)
+    assert list(part["image"]) == images[50:100] and part["identity"].tolist() == labels[50:100]
 
 
 def test_exported_folder_tree_round_trips(world_shards, tmp_path):

@@ -17,6 +17,7 @@ record, end)``; images are records ``1 .. first - 1`` with their class as a floa
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -195,6 +196,7 @@ class RecIndex:
     labels: np.ndarray | None
     num_classes: int | None
     image_size: tuple[int, int] | None
+    file_size: int | None = None  # bytes of the .rec
 
     @property
     def rows(self) -> int:
@@ -269,6 +271,7 @@ def open_rec(rec_uri: str) -> RecIndex:
         raise RecordIOError(f"RecordIO file not found: {rec_uri}")
     prop = parse_property(storage.read_bytes(prop_uri), prop_uri) if storage.exists(prop_uri) else None
     loc = storage.resolve(rec_uri)
+    file_size = loc.fs.get_file_info(loc.path).size
     with loc.fs.open_input_file(loc.path) as fh:
         if storage.exists(idx_uri):
             offsets = parse_idx(storage.read_bytes(idx_uri), idx_uri)
@@ -291,7 +294,7 @@ def open_rec(rec_uri: str) -> RecIndex:
                 if h.flag < 2:
                     raise RecordIOError(f"{rec_uri}: identity record {key} has no (start, end) label")
                 identity_labels[key] = np.asarray(h.label[:2])
-    return index_from_header(offsets, header0, identity_labels, prop, rec_uri)
+    return dataclasses.replace(index_from_header(offsets, header0, identity_labels, prop, rec_uri), file_size=file_size)
 
 
 def read_labels(rec_uri: str, keys: Sequence[int], offsets: Mapping[int, int]) -> np.ndarray:

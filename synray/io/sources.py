@@ -16,6 +16,7 @@ one read task per chunk, without converting anything first. Every row has ``imag
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -103,6 +104,8 @@ class ImageSource:
                 out.append({"kind": SHARDS, "location": uri, "start": start, "rows": n})
                 start += n
             return out
+        if self.kind == REC:  # where each record ends: the next record's offset (or the end of the file)
+            bounds = np.r_[np.sort(np.fromiter(self.detail.offsets.values(), np.int64)), self.detail.file_size or 0]
         for start in range(0, self.rows, rows_per_chunk):
             stop = min(start + rows_per_chunk, self.rows)
             chunk: dict[str, Any] = {"kind": self.kind, "location": self.location, "start": start, "rows": stop - start}
@@ -112,6 +115,9 @@ class ImageSource:
                 chunk["keys"] = keys.tolist()
                 chunk["offsets"] = [int(idx.offsets[int(k)]) for k in keys]
                 chunk["labels"] = idx.labels[start:stop].tolist() if idx.labels is not None else None
+                if idx.file_size:  # one read of the chunk's byte range (one request on S3), not one per record
+                    lo, hi = min(chunk["offsets"]), max(chunk["offsets"])
+                    chunk["span"] = [lo, int(bounds[np.searchsorted(bounds, hi, side="right")])]
             else:
                 folder: FolderIndex = self.detail
                 chunk["files"] = list(folder.files[start:stop])
@@ -208,10 +214,15 @@ def read_chunk(chunk: dict[str, Any], local_rows: Sequence[int] | None = None) -
     elif kind == REC:
         loc = storage.resolve(location)
         with loc.fs.open_input_file(loc.path) as fh:
+            base = 0
+            if chunk.get("span") and local_rows is None:
+                base, end = chunk["span"]
+                fh.seek(base)
+                fh = io.BytesIO(fh.read(end - base))
             for n, r in enumerate(rows):
                 key = chunk["keys"][r]
                 what = f"{location} record {key}"
-                header, image = recordio.unpack(recordio.read_at(fh, chunk["offsets"][r], what), what)
+                header, image = recordio.unpack(recordio.read_at(fh, chunk["offsets"][r] - base, what), what)
                 label = header.label[0] if header.flag > 0 else header.label
                 if chunk["labels"] is not None and int(label) != int(chunk["labels"][r]):
                     raise SourceError(f"{what}: label {label} in its header, its identity record says {chunk['labels'][r]}")
