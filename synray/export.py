@@ -292,7 +292,9 @@ def run(cfg: ExportConfig, ctx: JobContext) -> Outcome:
             if done.get("plan_hash") != plan["hash"]:
                 raise ExportError(f"{out} holds another export (of {done.get('source')}, {done.get('format')}); "
                                   "choose a new output.uri")
-            return Outcome("export", out, {k: v for k, v in done.items() if k != "identities"} | {"skipped": True})
+            return Outcome("export", out, {k: v for k, v in done.items() if k != "identities"} | {"skipped": True},
+                           table=f"{out} already holds this export ({done['rows']} images of {done['classes']} "
+                                 f"identities as {done['format']}); nothing to do")
         plan_uri = storage.join(out, PARTS, PLAN)
         if storage.exists(plan_uri):
             if json.loads(storage.read_bytes(plan_uri)).get("hash") != plan["hash"]:
