@@ -151,7 +151,9 @@ EVAL_EPILOG = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="synray", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="synray", description="Identity-labelled synthetic face datasets and face-recognition training on Ray. "
+        "Every job takes a YAML config (see conf/) and --set key=value overrides.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for job in JOBS.values():
         _add_job(sub, job)
