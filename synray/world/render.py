@@ -3,8 +3,8 @@
 Every facial feature is a set of points on a simple head surface (a cylinder-like front, an ellipsoid
 skull). Pose rotates those points and projects them orthographically, so the nose swings further than
 the eyes and the far cheek narrows, as in a real head turn. The posed five landmarks are then aligned
-onto the ArcFace 112x112 template with a least-squares similarity, exactly as an ArcFace crop is made,
-and the aligner's scale/shift/roll error is applied on top. Shapes are drawn directly at the output
+onto the ArcFace 112x112 template with a least-squares similarity (:func:`synray.align.umeyama`),
+exactly as an ArcFace crop is made, and the aligner's scale/shift/roll error is applied on top. Shapes are drawn directly at the output
 size with sub-pixel anti-aliased polygons (no image warp), then lit with a Lambert + specular model on
 the head ellipsoid, and degraded (resolution, blur, noise, JPEG).
 """
@@ -16,13 +16,8 @@ import math
 import cv2
 import numpy as np
 
+from synray.align import ARCFACE_TEMPLATE, umeyama
 from synray.world.factors import IdentityFactors, NuisanceFactors, perturb_identity
-
-# insightface's ArcFace 5-point template at 112x112 (left eye, right eye, nose, left/right mouth corner).
-ARCFACE_TEMPLATE = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
-    np.float64,
-)
 
 _OX, _OY = 56.0, 62.0  # canonical origin (template px): the head's vertical rotation axis
 _ZF = 40.0  # depth of the face front from that axis
@@ -50,18 +45,6 @@ def _mixc(a, b, t: float) -> tuple[float, float, float]:
     return (a[0] * (1 - t) + b[0] * t, a[1] * (1 - t) + b[1] * t, a[2] * (1 - t) + b[2] * t)
 
 
-def similarity_to(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares 2D similarity (rotation, uniform scale, translation) mapping ``src`` onto ``dst``, as 3x3."""
-    ms, md = src.mean(0), dst.mean(0)
-    s, d = src - ms, dst - md
-    n = float((s * s).sum())
-    a = float((s * d).sum()) / n
-    b = float((s[:, 0] * d[:, 1] - s[:, 1] * d[:, 0]).sum()) / n
-    m = np.array([[a, -b, 0.0], [b, a, 0.0], [0.0, 0.0, 1.0]])
-    m[:2, 2] = md - m[:2, :2] @ ms
-    return m
-
-
 class _Camera:
     """Pose rotation + orthographic projection + 2D crop transform, in output pixels."""
 
@@ -72,7 +55,7 @@ class _Camera:
         self.rot = np.array([[cy, 0.0, sy], [sp * sy, cp, -sp * cy]])
         self.inv_ax = 1.0 / (ident.face_width + 7.0)
         landmarks = self.posed(canonical_landmarks(ident, nuis))
-        align = similarity_to(landmarks, ARCFACE_TEMPLATE)
+        align = umeyama(landmarks, ARCFACE_TEMPLATE)
         r = math.radians(nuis.roll)
         cx, cyy = 56.0, 60.0
         jit = np.array(
