@@ -27,109 +27,11 @@ import pyarrow.fs as pafs
 import torch
 from torch import Tensor
 
-__all__ = [
-    "run_storage", "BotoUploadHandler", "CENTRES_RE", "centres_name", "write_rank_files", "CheckpointReader", "assemble_centres", "TrainingMeta",
-]
+from synray.io import storage
+
+__all__ = ["CENTRES_RE", "centres_name", "write_rank_files", "CheckpointReader", "assemble_centres", "TrainingMeta"]
 
 CENTRES_RE = re.compile(r"^centres-(\d+)-(\d+)\.pt$")
-
-
-class _UploadOnClose(io.BytesIO):
-    """A write buffer that becomes one S3 object when closed (visible only once complete)."""
-
-    def __init__(self, bucket: str, key: str) -> None:
-        super().__init__()
-        self.bucket, self.key = bucket, key
-
-    def close(self) -> None:
-        if not self.closed:
-            from synray.io.storage import _s3_client
-
-            data = self.getbuffer()
-            if len(data) < 4 * 2**30:  # one PUT: the object appears only when complete
-                _s3_client().put_object(Bucket=self.bucket, Key=self.key, Body=bytes(data))
-            else:  # beyond a single PUT's limit: boto3's managed multipart upload
-                _s3_client().upload_fileobj(io.BytesIO(bytes(data)), self.bucket, self.key)
-            del data
-        super().close()
-
-
-class BotoUploadHandler(pafs.FileSystemHandler):
-    """S3 for Ray Train's storage: reads and listings through pyarrow, writes as boto3 uploads.
-
-    Every write (checkpoint files, Ray's run-state files) is staged in memory and uploaded when the
-    stream closes, so a reader never sees a partial object. It also keeps S3-compatible servers whose
-    CompleteMultipartUpload replies pyarrow rejects (e.g. moto before 5.2.5) usable for checkpoints.
-    """
-
-    def __init__(self, fs: pafs.FileSystem) -> None:
-        self.fs = fs
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, BotoUploadHandler) and self.fs.equals(other.fs)
-
-    def __reduce__(self):
-        return (BotoUploadHandler, (self.fs,))
-
-    def get_type_name(self) -> str:
-        return "synray-s3"
-
-    def normalize_path(self, path: str) -> str:
-        return self.fs.normalize_path(path)
-
-    def get_file_info(self, paths):
-        return self.fs.get_file_info(paths)
-
-    def get_file_info_selector(self, selector):
-        return self.fs.get_file_info(selector)
-
-    def create_dir(self, path: str, recursive: bool) -> None:
-        self.fs.create_dir(path, recursive=recursive)
-
-    def delete_dir(self, path: str) -> None:
-        self.fs.delete_dir(path)
-
-    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
-        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
-
-    def delete_root_dir_contents(self) -> None:
-        raise OSError("refusing to delete the contents of every bucket")
-
-    def delete_file(self, path: str) -> None:
-        self.fs.delete_file(path)
-
-    def move(self, src: str, dest: str) -> None:
-        self.fs.move(src, dest)
-
-    def copy_file(self, src: str, dest: str) -> None:
-        self.fs.copy_file(src, dest)
-
-    def open_input_stream(self, path: str):
-        return self.fs.open_input_stream(path)
-
-    def open_input_file(self, path: str):
-        return self.fs.open_input_file(path)
-
-    def open_output_stream(self, path: str, metadata=None):
-        import pyarrow as pa
-
-        bucket, _, key = path.lstrip("/").partition("/")
-        if not key:
-            raise OSError(f"cannot write an object at bucket level: {path}")
-        return pa.PythonFile(_UploadOnClose(bucket, key), mode="w")
-
-    def open_append_stream(self, path: str, metadata=None):
-        raise OSError("S3 objects cannot be appended to")
-
-
-def run_storage(uri: str) -> tuple[str, pafs.FileSystem]:
-    """``(path, filesystem)`` for Ray Train's ``RunConfig(storage_path=, storage_filesystem=)``."""
-    from synray.io.storage import is_s3, resolve
-
-    loc = resolve(uri)
-    if is_s3(uri):
-        return loc.path, pafs.PyFileSystem(BotoUploadHandler(loc.fs))
-    return loc.path, loc.fs
 
 
 def centres_name(start: int, end: int) -> str:
@@ -193,9 +95,7 @@ class CheckpointReader:
 
     @classmethod
     def from_uri(cls, uri: str) -> CheckpointReader:
-        from synray.io.storage import resolve
-
-        loc = resolve(uri)
+        loc = storage.resolve(uri)
         return cls(loc.fs, loc.path)
 
     def names(self) -> list[str]:

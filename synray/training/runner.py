@@ -27,8 +27,9 @@ from torch import nn
 
 from synray.config.run import CheckpointConfig, ScalingConfig
 from synray.io import storage
+from synray.io.s3 import run_storage
 from synray.progress import Board, JobProgress, Throttle, watch_board
-from synray.training.checkpointing import CheckpointReader, run_storage
+from synray.training.checkpointing import CheckpointReader
 
 __all__ = ["Callback", "Hooks", "TrainResult", "fit", "tune_hooks", "local_hooks"]
 
