@@ -5,7 +5,7 @@ Each iteration makes two optimiser steps (SynthDistill ``train.py``):
 1. fresh ``z ~ N(0, I)`` -> ``w = map(z)`` -> images -> face crops; the frozen teacher embeds them, the
    student is trained with MSE on the raw embeddings;
 2. resampling: ``w' = w + resampling_coef * (cos(e_s, e_t) + 1) / 2 * n`` with the student embeddings
-   of step 1 taken *before* its update (:func:`synray.training.resample.resample_latents`), then a
+   of step 1 taken *before* its update (:func:`synray.distill.resample.resample_latents`), then a
    second step on images of ``w'``.
 
 Randomness of iteration ``i`` derives from ``(seed, epoch, i)`` for the *global* batch, and rank ``r``
@@ -32,13 +32,14 @@ from torch import Tensor, nn
 from synray.config.base import ConfigError
 from synray.config.distill import DistillConfig
 from synray.distill.generators import GeneratorError, LatentGenerator, build_latent_generator, face_crops
-from synray.distill.teachers import Teacher, load_teacher, model_input, raw_embedding
+from synray.distill.teachers import Teacher, load_teacher
 from synray.jobs import JobContext, Need, Outcome
+from synray.models.inputs import model_input, raw_embedding
 from synray.models.registry import build_backbone
 from synray.seeds import derive
 from synray.training.checkpointing import CheckpointReader
 from synray.training.collective import all_reduce_sum
-from synray.training.resample import kd_loss, resample_latents
+from synray.distill.resample import kd_loss, resample_latents
 from synray.training.runner import Hooks, fit
 
 __all__ = ["Distiller", "distill_loop", "check", "needs", "run", "VALIDATION_STREAM"]

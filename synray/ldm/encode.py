@@ -26,6 +26,8 @@ from synray.config.ldm import LDMConfig
 from synray.io import storage
 from synray.ldm.data import ImageItems, LDMDataError, list_images, load_context_file, load_images
 from synray.ldm.first_stage import ENCODER_FILE, load_stage, prepare_first_stage, to_unit
+from synray.models.export import load_any_backbone
+from synray.models.inputs import embed_faces
 
 __all__ = ["LATENT_SCHEMA_VERSION", "LatentsInfo", "encode_unit", "run_bounded", "prepare_latents"]
 
@@ -70,8 +72,6 @@ def encode_unit(unit: int, indices: list[int], items: ImageItems, first_stage: s
     enc = load_stage(first_stage, ENCODER_FILE, vq_dict, device)
     model = None
     if embedder is not None:
-        from synray.models.export import load_any_backbone
-
         model = load_any_backbone(embedder).eval().to(device)
     lat, lat_f, ctx = [], [], []
     for start in range(0, len(indices), batch_size):
@@ -82,8 +82,6 @@ def encode_unit(unit: int, indices: list[int], items: ImageItems, first_stage: s
             lat.append(enc.encode(x).cpu())
             lat_f.append(enc.encode(x.flip(3)).cpu())
         if model is not None:
-            from synray.evaluation.evaluate import embed_faces
-
             ctx.append(np.asarray(embed_faces(model, images, flip=False), np.float32))
     z, zf = torch.cat(lat).to(torch.float16).numpy(), torch.cat(lat_f).to(torch.float16).numpy()
     c = np.concatenate(ctx) if model is not None else np.asarray(contexts, np.float32)

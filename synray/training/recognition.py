@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from synray.config.base import config_hash
 from synray.config.train import TrainConfig
 from synray.models.heads import build_head
-from synray.models.registry import build_backbone, normalize_images
+from synray.models.inputs import input_size, normalize_images, raw_embedding
+from synray.models.registry import build_backbone
 from synray.training import schedules
 from synray.training.cfsm_aug import adversarial_styles, real_synth_indices
 from synray.jobs import JobContext, Need, Outcome
@@ -46,7 +47,7 @@ from synray.training.partial_fc import ShardedClassifier, class_split
 from synray.training.runner import Hooks, fit
 from synray.seeds import derive
 
-__all__ = ["TrainPlan", "plan_training", "learning_rate", "Learner", "train_loop", "check", "needs", "run", "raw_embedding"]
+__all__ = ["TrainPlan", "plan_training", "learning_rate", "Learner", "train_loop", "check", "needs", "run"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,8 +86,7 @@ class TrainPlan:
 def _model_facts(cfg: TrainConfig) -> tuple[tuple[int, int], int]:
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         model = build_backbone(cfg.backbone.name, **cfg.backbone.kwargs)
-    size = tuple(getattr(model, "input_size", (112, 112)))
-    return (int(size[0]), int(size[1])), int(getattr(model, "embedding_dim", 512))
+    return input_size(model), int(getattr(model, "embedding_dim", 512))
 
 
 def plan_training(cfg: TrainConfig) -> tuple[TrainPlan, DatasetInfo, DatasetInfo | None]:
@@ -141,13 +141,6 @@ def _poly_warmup(base: float, warmup: int, total: int, power: float) -> tuple[fl
 
 # --------------------------------------------------------------------------------------------
 # the learner (plain torch)
-
-
-def raw_embedding(out: Any) -> Tensor:
-    """A backbone's raw embedding; AdaFace-style ``(x/|x|, |x|)`` outputs are multiplied back."""
-    if isinstance(out, (tuple, list)):
-        return out[0] * out[1].reshape(-1, 1)
-    return out
 
 
 def _param_groups(model: nn.Module, weight_decay: float, no_decay_bn: bool) -> list[dict]:
