@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from synray.config import to_yaml
 from synray.config.paths import project_conf_dir
 from synray.errors import UserError
-from synray.jobs import JOBS, Job
+from synray.jobs import JOBS, Job, load_job, run_job
 
 #: per-command flags that stand for config overrides
 FLAGS: dict[str, dict[str, tuple[str, list[str]]]] = {
@@ -35,7 +36,7 @@ def _flag_overrides(command: str, args: argparse.Namespace) -> list[str]:
     for flag, (_, overrides) in FLAGS.get(command, {}).items():
         if getattr(args, flag.lstrip("-").replace("-", "_"), False):
             if command == "quickstart" and flag == "--tiny":
-                from synray.quickstart import TINY
+                from synray.quickstart import TINY  # the quickstart job's modules (torch) only when asked for
 
                 overrides = TINY
             out += overrides
@@ -62,8 +63,6 @@ def _config_path(args: argparse.Namespace) -> str | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from synray.jobs import load_job, run_job
-
     overrides = [*_flag_overrides(args.job.command, args), *args.overrides, *(["ray.quiet=true"] if args.quiet else [])]
     cfg = load_job(_config_path(args), overrides, kind=args.job.kind)
     outcome = run_job(cfg)
@@ -72,14 +71,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from synray.config import to_yaml
-    from synray.jobs import load_job
-
     print(to_yaml(load_job(args.config, args.overrides)), end="")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
+    # torch and the models only for this command: ``synray --help`` and the job commands stay fast to start
     from synray.evaluation.evaluate import evaluate_bins, format_table
     from synray.models.export import load_exported_backbone
     from synray.models.registry import load_backbone

@@ -26,7 +26,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from synray import runtime
 from synray.config.base import ConfigError, apply_overrides, read_yaml, redact, validate
+from synray.tracking import job_run
 
 __all__ = ["Job", "JOBS", "JobContext", "Need", "Outcome", "job_for", "load_job", "run_job"]
 
@@ -130,7 +132,7 @@ class Outcome:
     ok: bool = True
 
     def set_verification(self, results: dict[str, dict[str, float]], tracker: Any = None) -> None:
-        from synray.evaluation.evaluate import format_table
+        from synray.evaluation.evaluate import format_table  # torch: not at import time of the command line
 
         self.verification = results
         self.table = format_table(results)
@@ -143,7 +145,7 @@ class Outcome:
         return redact(out)
 
     def write_summary(self, uri: str) -> None:
-        from synray.io import storage
+        from synray.io import storage  # pyarrow: not at import time of the command line
 
         storage.write_bytes_atomic(uri, json.dumps(self.summary(), indent=2, default=str).encode())
 
@@ -157,9 +159,6 @@ class Outcome:
 
 def run_job(cfg: BaseModel, *, callbacks: Sequence[Any] = (), quiet: bool | None = None) -> Outcome:
     """Check, start or join Ray once, open the MLflow run, run the job; Ray is shut down only if started here."""
-    from synray import runtime
-    from synray.tracking import job_run
-
     job = job_for(cfg.kind)
     impl = job.impl()
     quiet = runtime.is_quiet(cfg.ray) if quiet is None else quiet

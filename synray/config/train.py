@@ -27,7 +27,7 @@ class BackboneConfig(StrictModel):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from synray.models.registry import BACKBONES
+        from synray.models.registry import BACKBONES  # torch: configs load without it
 
         if v not in BACKBONES:
             raise ValueError(f"unknown backbone {v!r}; valid names: {', '.join(sorted(BACKBONES))}")
@@ -43,7 +43,7 @@ class HeadConfig(StrictModel):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from synray.models.heads import HEADS
+        from synray.models.heads import HEADS  # torch: configs load without it
 
         if v not in HEADS:
             raise ValueError(f"unknown head {v!r}; valid names: {', '.join(sorted(HEADS))}")

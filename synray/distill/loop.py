@@ -32,14 +32,18 @@ from torch import Tensor, nn
 from synray.config.base import ConfigError
 from synray.config.distill import DistillConfig
 from synray.distill.generators import GeneratorError, LatentGenerator, build_latent_generator, face_crops
+from synray.distill.resample import kd_loss, resample_latents
 from synray.distill.teachers import Teacher, load_teacher
+from synray.evaluation.evaluate import evaluate_bins, find_bins
+from synray.io import storage
 from synray.jobs import JobContext, Need, Outcome
+from synray.models.checkpoint import load_strict
+from synray.models.export import save_backbone
 from synray.models.inputs import model_input, raw_embedding
 from synray.models.registry import build_backbone
 from synray.seeds import derive
 from synray.training.checkpointing import CheckpointReader
 from synray.training.collective import all_reduce_sum
-from synray.distill.resample import kd_loss, resample_latents
 from synray.training.runner import Hooks, fit
 
 __all__ = ["Distiller", "distill_loop", "check", "needs", "run", "VALIDATION_STREAM"]
@@ -141,8 +145,6 @@ class Distiller:
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, directory: str, meta: dict[str, Any]) -> None:
         """Student (a self-describing synray checkpoint), optimiser + scheduler, progress."""
-        from synray.models.export import save_backbone
-
         save_backbone(os.path.join(directory, STUDENT_FILE), self.cfg.student.name, self.student_module,
                       self.cfg.student.kwargs, extra={"distilled_from": str(self.cfg.teacher)})
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
@@ -151,8 +153,6 @@ class Distiller:
             json.dump(meta, fh, indent=2)
 
     def restore(self, reader: CheckpointReader) -> dict[str, Any]:
-        from synray.models.checkpoint import load_strict
-
         blob = reader.load(STUDENT_FILE)
         load_strict(self.student_module, blob["state_dict"], what=f"checkpoint {reader.path}")
         state = reader.load(STATE_FILE)
@@ -210,8 +210,6 @@ def distill_loop(cfg: DistillConfig, hooks: Hooks) -> dict[str, Any]:
         }
         results = None
         if hooks.rank == 0 and cfg.eval.bins and (epoch % cfg.eval.every_epochs == 0 or epoch == cfg.epochs):
-            from synray.evaluation.evaluate import evaluate_bins
-
             results = evaluate_bins(d.student_module, cfg.eval.bins, batch_size=cfg.eval.batch_size, flip=cfg.eval.flip)
             for name, res in results.items():
                 metrics[f"val/{name}/accuracy"] = res["accuracy"]
@@ -231,8 +229,6 @@ def distill_loop(cfg: DistillConfig, hooks: Hooks) -> dict[str, Any]:
 
 def check(cfg: DistillConfig) -> None:
     """Before any Ray work: teacher/student dims, generator files, evaluation sets."""
-    from synray.evaluation.evaluate import find_bins
-
     if cfg.generator.type in ("stylegan2", "ldm") and not os.path.exists(cfg.generator.path):
         raise GeneratorError(f"generator.path: file not found: {cfg.generator.path}")
     if cfg.generator.type == "ldm" and not os.path.exists(cfg.generator.vq_decoder):
@@ -257,8 +253,6 @@ def needs(cfg: DistillConfig) -> list[Need]:
 
 def run(cfg: DistillConfig, ctx: JobContext) -> Outcome:
     """Distil as configured on Ray Train; re-running with the same ``output.uri`` and ``name`` resumes."""
-    from synray.io import storage
-
     run_uri = storage.join(cfg.output.uri, cfg.name)
     result = fit(distill_loop, cfg, name=cfg.name, output_uri=cfg.output.uri, scaling=cfg.scaling,
                  checkpoint=cfg.checkpoint, callbacks=ctx.callbacks, tracker=ctx.tracker, job="distill",

@@ -26,10 +26,14 @@ import torch
 from torch import nn
 
 from synray.config.ldm import LDMConfig
+from synray.diffusion.schedule import linear_schedule
+from synray.diffusion.training import EMA, reference_optimizer, training_step
 from synray.io import storage
 from synray.ldm.data import LDMDataError
 from synray.ldm.encode import LatentsInfo
 from synray.ldm.first_stage import DECODER_FILE, ENCODER_FILE, VQ_CONFIG_FILE
+from synray.models.checkpoint import load_strict
+from synray.models.ldm_checkpoint import normalize_unet_state, save_unet_checkpoint
 from synray.models.unet import ConditionalUNet, UNetConfig
 from synray.seeds import derive
 from synray.training.checkpointing import CheckpointReader
@@ -60,9 +64,6 @@ class LDMLearner:
 
     def __init__(self, cfg: LDMConfig, info: LatentsInfo, rank: int = 0, world_size: int = 1,
                  device: str | torch.device = "cpu", wrap: Callable[[nn.Module], nn.Module] | None = None) -> None:
-        from synray.diffusion.schedule import linear_schedule
-        from synray.diffusion.training import EMA, reference_optimizer
-
         self.cfg, self.info, self.rank, self.world_size = cfg, info, rank, world_size
         self.device = torch.device(device)
         self.unet_config = unet_config(cfg, info.context_dim)
@@ -78,8 +79,6 @@ class LDMLearner:
         self.step_count = 0
 
     def step(self, batch: dict[str, Any]) -> float:
-        from synray.diffusion.training import training_step
-
         lat, lat_f, ctx = decode_batch(batch, self.info)
         gen = torch.Generator().manual_seed(derive(self.cfg.seed, self.step_count, self.rank))
         # CPD / uncond masks come from torch's global RNG inside the UNet: one stream per (step, rank),
@@ -97,9 +96,6 @@ class LDMLearner:
 
     def save(self, directory: str, meta: dict[str, Any]) -> None:
         """The published layout (``model.ckpt``, ``ema_averaged_model.ckpt``) + optimiser state + first stage."""
-        from synray.diffusion.schedule import linear_schedule
-        from synray.models.ldm_checkpoint import save_unet_checkpoint
-
         save_unet_checkpoint(self.module, os.path.join(directory, MODEL_FILE), linear_schedule())
         save_unet_checkpoint(self.ema.averaged_model, os.path.join(directory, EMA_FILE), linear_schedule())
         torch.save({"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.scheduler.state_dict(),
@@ -114,9 +110,6 @@ class LDMLearner:
                        "context_dim": self.info.context_dim}, fh, indent=2)
 
     def restore(self, reader: CheckpointReader) -> dict[str, Any]:
-        from synray.models.checkpoint import load_strict
-        from synray.models.ldm_checkpoint import normalize_unet_state
-
         for name, module in ((MODEL_FILE, self.module), (EMA_FILE, self.ema.averaged_model)):
             load_strict(module, normalize_unet_state(reader.load(name)), what=f"checkpoint {reader.path}/{name}")
         opt = reader.load(OPT_FILE)

@@ -11,27 +11,35 @@ unreadable ones, and refuses shards of another config. The manifest, the dataset
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import importlib.util
 import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 import pyarrow.fs as pafs
 
+from synray.align import resize
 from synray.config import ConfigError, to_yaml
 from synray.config.synth import SynthConfig
 from synray.errors import UserError
 from synray.io import shards, storage
+from synray.io.images import decode_image
 from synray.io.lease import OutputLease, acquire_lease
 from synray.jobs import JobContext, Need, Outcome
+from synray.models.registry import list_backbones
 from synray.progress import JobProgress
+from synray.runtime import is_quiet
 from synray.synthesis import contexts as C
 from synray.synthesis.card import dataset_card
 from synray.synthesis.stages import AlignStage, ContextFaceStage, FinishStage, GenerateStage, WriteStage, preview_grid
+from synray.world.world import World
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +54,6 @@ _DIGESTS: dict[tuple[str, int, int | None], str] = {}
 
 def _embedder_file(spec: str) -> tuple[str, str]:
     """``(kept prefix, file)`` of an embedder spec ``"<registry name>:<checkpoint>"`` or ``"<checkpoint>"``."""
-    from synray.models.registry import list_backbones
-
     name, sep, path = spec.partition(":")
     if sep and name in list_backbones():
         return f"{name}:", path
@@ -62,9 +68,7 @@ def input_files(cfg: SynthConfig) -> dict[str, tuple[str, str]]:
         files["generator.unet"] = ("", g.unet)
         files["generator.vq_decoder"] = ("", g.vq_decoder)
     if g.type == "dcgan" and importlib.util.find_spec("gan_face_generate") is not None:
-        import importlib.resources as ir
-
-        files["generator.weights"] = ("", str(ir.files("gan_face_generate") / "weights.tar"))
+        files["generator.weights"] = ("", str(importlib.resources.files("gan_face_generate") / "weights.tar"))
     if c.path and c.source in ("embeddings_file", "face_embeddings"):
         files["contexts.path"] = ("", c.path)
     if c.embedder and c.source == "face_embeddings":
@@ -154,8 +158,6 @@ def context_faces(cfg: SynthConfig, ids: np.ndarray) -> np.ndarray:
     """Context face images: the i-th image of ``contexts.path`` (sorted) or the world's render of i."""
     size = tuple(cfg.alignment.size)
     if cfg.contexts.path:
-        from synray.io.images import decode_image
-
         names = sorted(f for f in os.listdir(cfg.contexts.path) if f.lower().endswith((".png", ".jpg", ".jpeg")))
         if len(ids) and int(ids.max()) >= len(names):
             raise C.ContextError(f"contexts.path {cfg.contexts.path} has {len(names)} images; identity {int(ids.max())} requested")
@@ -164,10 +166,7 @@ def context_faces(cfg: SynthConfig, ids: np.ndarray) -> np.ndarray:
             p = os.path.join(cfg.contexts.path, names[int(i)])
             with open(p, "rb") as fh:
                 faces.append(decode_image(fh.read(), p))
-        from synray.align import resize
-
         return np.stack([resize(f, size) for f in faces])
-    from synray.world.world import World
 
     world = World(seed=cfg.seed, num_identities=int(ids.max()) + 1 if len(ids) else 1,
                   difficulty=cfg.generator.world_difficulty)
@@ -295,8 +294,6 @@ def _finish(cfg: SynthConfig, prep: Prepared, lease: OutputLease, results: list[
     summary["manifest"] = {k: manifest[k] for k in ("shards", "rows", "identities", "kinds", "quality")}
     previews = [r["preview"] for r in results][:64]
     if previews:
-        import cv2
-
         ok, png = cv2.imencode(".png", cv2.cvtColor(preview_grid(previews), cv2.COLOR_RGB2BGR))
         if ok:
             storage.write_bytes_atomic(storage.join(uri, shards.SAMPLES), png.tobytes())
@@ -313,8 +310,6 @@ def _finish(cfg: SynthConfig, prep: Prepared, lease: OutputLease, results: list[
         if manifest["quality"]:
             tracker.log_metrics({f"consistency_{k}": v for k, v in manifest["quality"].items()})
         if previews:
-            import tempfile
-
             with tempfile.TemporaryDirectory() as d:
                 path = os.path.join(d, "samples.png")
                 with open(path, "wb") as fh:
@@ -376,8 +371,6 @@ def build_dataset(cfg: SynthConfig, rows: list[dict], uri: str, meta: dict):
 
 def run_synthesis(cfg: SynthConfig, tracker=None, progress: bool | None = None) -> dict:
     """Run the pipeline on the current Ray (call :func:`synray.runtime.init_ray` first)."""
-    from synray.runtime import is_quiet
-
     with open_output(cfg) as lease:
         prep = prepare(cfg)
         quiet = is_quiet(cfg.ray) if progress is None else not progress

@@ -18,6 +18,7 @@ The pieces, top to bottom:
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 import os
@@ -33,19 +34,24 @@ from torch import Tensor, nn
 
 from synray.config.base import config_hash
 from synray.config.train import TrainConfig
+from synray.evaluation.evaluate import evaluate_bins
+from synray.io import storage
+from synray.jobs import JobContext, Need, Outcome
+from synray.models.cfsm import load_generator
+from synray.models.checkpoint import load_strict
+from synray.models.export import save_backbone
 from synray.models.heads import build_head
 from synray.models.inputs import input_size, normalize_images, raw_embedding
 from synray.models.registry import build_backbone
+from synray.seeds import derive
 from synray.training import schedules
 from synray.training.cfsm_aug import adversarial_styles, real_synth_indices
-from synray.jobs import JobContext, Need, Outcome
 from synray.training.checkpointing import CheckpointReader, TrainingMeta, write_rank_files
 from synray.training.collective import all_have, all_reduce_sum
-from synray.training.data import DataError, DatasetInfo, dataset_info
+from synray.training.data import DataError, DatasetInfo, build_dataset, dataset_info
 from synray.training.mixup import SYNFACE_LAMBDAS, Target, mix_images, sample_lambda, synface_targets
 from synray.training.partial_fc import ShardedClassifier, class_split
 from synray.training.runner import Hooks, fit
-from synray.seeds import derive
 
 __all__ = ["TrainPlan", "plan_training", "learning_rate", "Learner", "train_loop", "check", "needs", "run"]
 
@@ -223,9 +229,6 @@ class Learner:
         return self.classifier.head
 
     def _load_generator(self) -> nn.Module:
-        from synray.io import storage
-        from synray.models.cfsm import load_generator
-
         uri = self.cfg.cfsm.checkpoint
         if not storage.is_s3(uri):
             return load_generator(uri, freeze=True, **self.cfg.cfsm.generator).to(self.device)
@@ -321,7 +324,6 @@ class Learner:
                 f"checkpoint {reader.path} is for {meta.num_classes} classes x {meta.embedding_size}-d embeddings; "
                 f"this run has {self.plan.num_classes} x {self.plan.embedding_size} (different data or backbone?)"
             )
-        from synray.models.checkpoint import load_strict
 
         load_strict(self.backbone_module, reader.load("backbone.pt"), what=f"checkpoint {reader.path}")
         ts = reader.load("trainer_state.pt")
@@ -362,8 +364,6 @@ def _cycle(shard, batch_size: int, prefetch: int) -> Iterator:
 
 
 def _evaluate(learner: Learner, cfg: TrainConfig) -> dict[str, dict[str, float]]:
-    from synray.evaluation.evaluate import evaluate_bins
-
     return evaluate_bins(learner.backbone_module, cfg.eval.bins, batch_size=cfg.eval.batch_size, flip=cfg.eval.flip,
                          image_size=learner.plan.image_size)
 
@@ -457,8 +457,6 @@ def train_loop(cfg: TrainConfig, hooks: Hooks, plan: dict[str, Any]) -> dict[str
 
 
 def build_datasets(cfg: TrainConfig, plan: TrainPlan, train: DatasetInfo, real: DatasetInfo | None) -> dict:
-    from synray.training.data import build_dataset
-
     aug = cfg.augment
     augment = {"flip": aug.flip, "rrc_prob": aug.rrc_prob, "rrc_scale": tuple(aug.rrc_scale), "rrc_ratio": tuple(aug.rrc_ratio)}
     common = dict(image_size=plan.image_size, augment=augment, shuffle=cfg.data.shuffle,
@@ -472,11 +470,6 @@ def build_datasets(cfg: TrainConfig, plan: TrainPlan, train: DatasetInfo, real: 
 
 def export_final(cfg: TrainConfig, backbone_bytes: bytes) -> bytes:
     """The trained backbone as a self-describing synray checkpoint (usable as an embedder or teacher)."""
-    import io
-
-    from synray.models.checkpoint import load_strict
-    from synray.models.export import save_backbone
-
     state = torch.load(io.BytesIO(backbone_bytes), map_location="cpu", weights_only=True)
     model = build_backbone(cfg.backbone.name, **cfg.backbone.kwargs)
     load_strict(model, state, what="final backbone")
@@ -498,8 +491,6 @@ def needs(cfg: TrainConfig) -> list[Need]:
 
 def run(cfg: TrainConfig, ctx: JobContext) -> Outcome:
     """Train as configured; re-running with the same ``output.uri`` and ``name`` resumes the run."""
-    from synray.io import storage
-
     plan, train, real = plan_training(cfg)
     run_uri = storage.join(cfg.output.uri, cfg.name)
     ctx.tracker.log_params({"plan.num_classes": plan.num_classes, "plan.train_rows": plan.train_rows})

@@ -21,6 +21,7 @@ from typing import Any
 
 import ray
 import ray.train
+import ray.train.torch
 import torch
 from ray.train.torch import TorchTrainer
 from torch import nn
@@ -29,6 +30,7 @@ from synray.config.run import CheckpointConfig, ScalingConfig
 from synray.io import storage
 from synray.io.s3 import run_storage
 from synray.progress import Board, JobProgress, Throttle, watch_board
+from synray.tracking import TrainMetricsToMLflow
 from synray.training.checkpointing import CheckpointReader
 
 __all__ = ["Callback", "Hooks", "TrainResult", "fit", "tune_hooks", "local_hooks"]
@@ -92,8 +94,6 @@ def _checkpoint_name(metrics: Mapping[str, Any]) -> str:
 
 def _worker(config: dict[str, Any]) -> None:
     """The function every Ray Train rank runs: hooks from the train context, then the job's loop."""
-    import ray.train.torch
-
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
@@ -119,7 +119,7 @@ def _worker(config: dict[str, Any]) -> None:
 
 def tune_hooks(callbacks: Sequence[Callback] = (), quiet: bool = True) -> Hooks:
     """Hooks for a loop run inside a Tune trial (one process): reports and checkpoints go to Tune."""
-    from ray import tune
+    from ray import tune  # sweeps only
 
     def send(metrics: dict[str, Any], directory: str | None) -> None:
         tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(directory) if directory else None)
@@ -155,8 +155,6 @@ def fit(
     find_unused_parameters: bool = False,
 ) -> TrainResult:
     """Run ``loop`` on Ray Train; a re-run with the same ``output_uri`` and ``name`` resumes from its last checkpoint."""
-    from synray.tracking import TrainMetricsToMLflow
-
     storage_path, fs = run_storage(output_uri)
     board = None if quiet else ray.remote(num_cpus=0)(Board).remote()
     train_callbacks = []
