@@ -133,12 +133,13 @@ class Outcome:
 
     def set_verification(self, results: dict[str, dict[str, float]], tracker: Any = None) -> None:
         from synray.evaluation.evaluate import format_table  # torch: not at import time of the command line
+        from synray.evaluation.verification import accuracy_metrics
 
         self.verification = results
         self.table = format_table(results)
         if tracker is not None:
             tracker.log_text(self.table, "verification.txt")
-            tracker.log_metrics({f"final/{k}/accuracy": v["accuracy"] for k, v in results.items()})
+            tracker.log_metrics(accuracy_metrics(results, "final/"))
 
     def summary(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k not in ("table", "ok") and v not in (None, {})}

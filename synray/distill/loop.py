@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +34,7 @@ from synray.distill.generators import GeneratorError, LatentGenerator, build_lat
 from synray.distill.resample import kd_loss, resample_latents
 from synray.distill.teachers import Teacher, load_teacher
 from synray.evaluation.evaluate import evaluate_bins, find_bins
+from synray.evaluation.verification import accuracy_metrics
 from synray.io import storage
 from synray.jobs import JobContext, Need, Outcome
 from synray.models.checkpoint import load_strict
@@ -49,7 +49,7 @@ from synray.training.runner import Hooks, fit
 __all__ = ["Distiller", "distill_loop", "check", "needs", "run", "VALIDATION_STREAM"]
 
 VALIDATION_STREAM = 0x7A11D  # keeps validation latents apart from every training draw
-STUDENT_FILE, STATE_FILE, META_FILE, EVAL_FILE = "student.pt", "trainer_state.pt", "meta.json", "eval.json"
+STUDENT_FILE, STATE_FILE, META_FILE = "student.pt", "trainer_state.pt", "meta.json"
 
 
 def _gen(*parts: int) -> torch.Generator:
@@ -209,17 +209,11 @@ def distill_loop(cfg: DistillConfig, hooks: Hooks) -> dict[str, Any]:
             "world_size": hooks.world_size, "resumed_from_epoch": resumed_from,
         }
         results = None
-        if hooks.rank == 0 and cfg.eval.bins and (epoch % cfg.eval.every_epochs == 0 or epoch == cfg.epochs):
+        if hooks.rank == 0 and cfg.eval.due(epoch, cfg.epochs):
             results = evaluate_bins(d.student_module, cfg.eval.bins, batch_size=cfg.eval.batch_size, flip=cfg.eval.flip)
-            for name, res in results.items():
-                metrics[f"val/{name}/accuracy"] = res["accuracy"]
-        with tempfile.TemporaryDirectory() as tmp:
-            if hooks.rank == 0:
-                d.save(tmp, {"epoch": epoch, "step": step, "val_cos_initial": cos_initial, "metrics": metrics})
-                if results:
-                    with open(os.path.join(tmp, EVAL_FILE), "w") as fh:
-                        json.dump(results, fh)
-            hooks.report(metrics, tmp if hooks.rank == 0 else None)
+            metrics.update(accuracy_metrics(results, "val/"))
+        meta = {"epoch": epoch, "step": step, "val_cos_initial": cos_initial, "metrics": metrics}
+        hooks.report_checkpoint(metrics, lambda folder: d.save(folder, meta), results)
     return metrics
 
 
@@ -262,7 +256,7 @@ def run(cfg: DistillConfig, ctx: JobContext) -> Outcome:
     if reader is not None:
         outcome.model_uri = storage.join(run_uri, "final", STUDENT_FILE)
         storage.write_bytes_atomic(outcome.model_uri, reader.read_bytes(STUDENT_FILE))
-        if EVAL_FILE in reader.names():
-            outcome.set_verification(json.loads(reader.read_bytes(EVAL_FILE)), ctx.tracker)
+        if (verification := reader.verification()) is not None:
+            outcome.set_verification(verification, ctx.tracker)
     outcome.write_summary(storage.join(run_uri, "final", "summary.json"))
     return outcome

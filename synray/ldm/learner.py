@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -37,7 +36,7 @@ from synray.models.ldm_checkpoint import normalize_unet_state, save_unet_checkpo
 from synray.models.unet import ConditionalUNet, UNetConfig
 from synray.seeds import derive
 from synray.training.checkpointing import CheckpointReader
-from synray.training.collective import all_have, all_reduce_sum
+from synray.training.collective import all_reduce_sum, synced_next
 from synray.training.runner import Hooks
 
 __all__ = ["MODEL_FILE", "EMA_FILE", "OPT_FILE", "META_FILE", "unet_config", "LDMLearner", "decode_batch",
@@ -190,8 +189,8 @@ def ldm_loop(cfg: LDMConfig, hooks: Hooks, latents: dict[str, Any],
     metrics: dict[str, Any] = {}
     it, got = iter(batches(passes)), False
     while learner.step_count < t.steps:
-        batch = next(it, None)
-        if not all_have(batch is not None, learner.device, hooks.world_size):
+        batch = synced_next(it, learner.device, hooks.world_size)
+        if batch is None:
             if not got:
                 raise LDMDataError(f"{info.uri}: a pass over {info.rows} rows gives no batch of "
                                    f"{t.batch_size // hooks.world_size} per worker; lower training.batch_size")
@@ -216,8 +215,6 @@ def ldm_loop(cfg: LDMConfig, hooks: Hooks, latents: dict[str, Any],
             loss_sum, n, t0 = 0.0, 0, time.time()
             if ckpt and hooks.rank == 0 and score is not None:
                 metrics.update(score(learner))
-            with tempfile.TemporaryDirectory() as tmp:
-                if ckpt and hooks.rank == 0:
-                    learner.save(tmp, {"metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
-                hooks.report(metrics, tmp if ckpt and hooks.rank == 0 else None)
+            meta = {"metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+            hooks.report_checkpoint(metrics, (lambda folder: learner.save(folder, meta)) if ckpt else None)
     return metrics

@@ -7,7 +7,8 @@ One checkpoint directory (Ray Train merges the files every rank reports) holds:
   :func:`synray.models.registry.load_backbone`);
 * ``trainer_state.pt`` (rank 0): backbone optimiser, AMP scaler, the head's replicated buffers;
 * ``centres-<start>-<end>.pt`` (every rank): its slice of the class centres ``kernel`` [D, n] and the
-  optimiser state tensors of that slice (momentum, Adam moments).
+  optimiser state tensors of that slice (momentum, Adam moments);
+* ``eval.json`` (rank 0, any job's checkpoint): the verification table of that epoch, if one was made.
 
 Centre files are named by class range, not rank, so a run resumed on a different number of workers
 assembles each new slice from whichever files overlap it.
@@ -29,9 +30,11 @@ from torch import Tensor
 
 from synray.io import storage
 
-__all__ = ["CENTRES_RE", "centres_name", "write_rank_files", "CheckpointReader", "assemble_centres", "TrainingMeta"]
+__all__ = ["CENTRES_RE", "EVAL_FILE", "centres_name", "write_rank_files", "write_verification", "CheckpointReader",
+           "assemble_centres", "TrainingMeta"]
 
 CENTRES_RE = re.compile(r"^centres-(\d+)-(\d+)\.pt$")
+EVAL_FILE = "eval.json"
 
 
 def centres_name(start: int, end: int) -> str:
@@ -82,6 +85,12 @@ def write_rank_files(
             fh.write(meta.to_json())
 
 
+def write_verification(directory: str, results: Mapping[str, Any]) -> None:
+    """The verification table of a checkpoint (:meth:`CheckpointReader.verification` reads it back)."""
+    with open(os.path.join(directory, EVAL_FILE), "w") as fh:
+        json.dump(results, fh)
+
+
 class CheckpointReader:
     """Reads single files of a (possibly remote) checkpoint directory without downloading all of it."""
 
@@ -108,6 +117,10 @@ class CheckpointReader:
 
     def load(self, name: str) -> Any:
         return torch.load(io.BytesIO(self.read_bytes(name)), map_location="cpu", weights_only=True)
+
+    def verification(self) -> dict[str, dict[str, float]] | None:
+        """The verification table written with this checkpoint, or None."""
+        return json.loads(self.read_bytes(EVAL_FILE)) if EVAL_FILE in self.names() else None
 
     def meta(self) -> TrainingMeta:
         try:

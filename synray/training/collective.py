@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -13,6 +16,12 @@ def all_reduce_sum(values: list[float], device: torch.device, world_size: int) -
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def synced_next(it: Iterator, device: torch.device, world_size: int) -> Any:
+    """The next item of ``it``, or None on every rank as soon as any rank has run out (:func:`all_have`)."""
+    item = next(it, None)
+    return item if all_have(item is not None, device, world_size) else None
 
 
 def all_have(present: bool, device: torch.device, world_size: int) -> bool:

@@ -15,6 +15,7 @@ job's MLflow run fed from the controller.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,7 @@ from synray.io import storage
 from synray.io.s3 import run_storage
 from synray.progress import Board, JobProgress, Throttle, watch_board
 from synray.tracking import TrainMetricsToMLflow
-from synray.training.checkpointing import CheckpointReader
+from synray.training.checkpointing import CheckpointReader, write_verification
 
 __all__ = ["Callback", "Hooks", "TrainResult", "fit", "tune_hooks", "local_hooks"]
 
@@ -67,6 +68,22 @@ class Hooks:
             self.send(metrics, checkpoint_dir)
         for cb in self.callbacks:
             cb.after_report(self, metrics, checkpoint_dir is not None)
+
+    def report_checkpoint(self, metrics: dict[str, Any], save: Callable[[str], None] | None,
+                          verification: Mapping[str, Any] | None = None, every_rank: bool = False) -> None:
+        """Report ``metrics`` with a checkpoint: ``save(folder)`` fills a fresh folder on rank 0 (on every rank
+        with ``every_rank``: each writes its own files, Ray Train merges them) and rank 0 adds ``verification``
+        (:func:`~synray.training.checkpointing.write_verification`). ``save`` None: no checkpoint."""
+        if save is None:
+            self.report(metrics)
+            return
+        writes = every_rank or self.rank == 0
+        with tempfile.TemporaryDirectory() as d:
+            if writes:
+                save(d)
+            if self.rank == 0 and verification:
+                write_verification(d, verification)
+            self.report(metrics, d if writes else None)
 
     def step_done(self, step: int) -> None:
         for cb in self.callbacks:
