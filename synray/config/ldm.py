@@ -23,9 +23,9 @@ from pydantic import Field, TypeAdapter, ValidationError, model_validator
 from synray.config.base import JobConfig, OutputConfig, StrictModel, TrackingConfig
 from synray.config.paths import URI, ModelRef
 from synray.config.run import CheckpointConfig, ScalingConfig
+from synray.models.unet_config import FLAVOURS, UNetConfig
 
 if TYPE_CHECKING:
-    from synray.models.unet import UNetConfig
     from synray.models.vq import VQConfig
 
 #: context width the architecture is checked with at load time; the real one is known once the contexts are
@@ -133,8 +133,6 @@ class LDMUNetConfig(StrictModel):
         """The UNetConfig: the flavour's flags, CPD, the architecture overrides and ``context_dim`` as the
         context width unless ``architecture.context_input_channels`` sets it. A bad entry is a ValueError
         naming ``unet.architecture.<key>``."""
-        from synray.models.unet import FLAVOURS, UNetConfig  # torch
-
         flags = dict(FLAVOURS[self.flavour])
         flags["context_dropout"] = self.context_dropout
         if self.unconditioned_probability is not None:
