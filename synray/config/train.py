@@ -7,6 +7,7 @@ enabled); ``conf/train/`` holds that recipe at full scale and a tiny world one f
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import partial
 
 from typing import Any, Literal
@@ -16,6 +17,13 @@ from pydantic import Field, field_validator, model_validator
 from synray.config.base import JobConfig, OutputConfig, StrictModel
 from synray.config.paths import URI, ModelRef
 from synray.config.run import CheckpointConfig, EvalConfig, ScalingConfig
+
+
+def _registered(name: str, registry: Iterable[str], what: str) -> str:
+    """``name`` if the registry has it, else an error listing the valid names."""
+    if name not in registry:
+        raise ValueError(f"unknown {what} {name!r}; valid names: {', '.join(sorted(registry))}")
+    return name
 
 
 class BackboneConfig(StrictModel):
@@ -29,9 +37,7 @@ class BackboneConfig(StrictModel):
     def _known(cls, v: str) -> str:
         from synray.models.registry import BACKBONES  # torch: configs load without it
 
-        if v not in BACKBONES:
-            raise ValueError(f"unknown backbone {v!r}; valid names: {', '.join(sorted(BACKBONES))}")
-        return v
+        return _registered(v, BACKBONES, "backbone")
 
 
 class HeadConfig(StrictModel):
@@ -45,9 +51,7 @@ class HeadConfig(StrictModel):
     def _known(cls, v: str) -> str:
         from synray.models.heads import HEADS  # torch: configs load without it
 
-        if v not in HEADS:
-            raise ValueError(f"unknown head {v!r}; valid names: {', '.join(sorted(HEADS))}")
-        return v
+        return _registered(v, HEADS, "head")
 
 
 class DataConfig(StrictModel):
