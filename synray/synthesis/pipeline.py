@@ -10,109 +10,36 @@ unreadable ones, and refuses shards of another config. The manifest, the dataset
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.fs as pafs
 
+from synray.align import resize
 from synray.config import ConfigError, to_yaml
 from synray.config.synth import SynthConfig
 from synray.errors import UserError
 from synray.io import shards, storage
+from synray.io.images import decode_image
 from synray.io.lease import OutputLease, acquire_lease
+from synray.io.sources import open_source
 from synray.jobs import JobContext, Need, Outcome
+from synray.plots import dataset_grid, encode_png
 from synray.progress import JobProgress
+from synray.runtime import is_quiet
 from synray.synthesis import contexts as C
 from synray.synthesis.card import dataset_card
-from synray.io.sources import open_source
-from synray.plots import dataset_grid, encode_png
+from synray.synthesis.fingerprint import content_hash, file_digest, input_files
 from synray.synthesis.stages import AlignStage, ContextFaceStage, FinishStage, GenerateStage, WriteStage
+from synray.world.world import World
 
 log = logging.getLogger(__name__)
 
-#: fields that change how fast a dataset is made, never what it contains
-NON_CONTENT = {"name": True, "output": True, "tracking": True, "ray": True, "local": True,
-               "generator": {"batch_size", "num_gpus", "num_cpus", "min_actors", "max_actors"},
-               "alignment": {"num_cpus"}}
 CONTEXT_FACE_SAMPLE = 10**6  # world sample index reserved for an identity's context face
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-_DIGESTS: dict[tuple[str, int, int | None], str] = {}
-
-
-def _embedder_file(spec: str) -> tuple[str, str]:
-    """``(kept prefix, file)`` of an embedder spec ``"<registry name>:<checkpoint>"`` or ``"<checkpoint>"``."""
-    from synray.models.registry import list_backbones
-
-    name, sep, path = spec.partition(":")
-    if sep and name in list_backbones():
-        return f"{name}:", path
-    return "", spec
-
-
-def input_files(cfg: SynthConfig) -> dict[str, tuple[str, str]]:
-    """``{dotted key: (kept prefix, file or folder)}`` of every input whose bytes shape the dataset."""
-    g, c = cfg.generator, cfg.contexts
-    files: dict[str, tuple[str, str]] = {}
-    if g.type == "ldm":
-        files["generator.unet"] = ("", g.unet)
-        files["generator.vq_decoder"] = ("", g.vq_decoder)
-    if g.type == "dcgan" and importlib.util.find_spec("gan_face_generate") is not None:
-        import importlib.resources as ir
-
-        files["generator.weights"] = ("", str(ir.files("gan_face_generate") / "weights.tar"))
-    if c.path and c.source in ("embeddings_file", "face_embeddings"):
-        files["contexts.path"] = ("", c.path)
-    if c.embedder and c.source == "face_embeddings":
-        files["contexts.embedder"] = _embedder_file(c.embedder)
-    if cfg.quality.embedder:
-        files["quality.embedder"] = _embedder_file(cfg.quality.embedder)
-    return files
-
-
-def file_digest(uri: str, key: str = "input") -> str:
-    """``sha256:<hex>`` of a file's bytes (streamed), or of a folder's image files and their names.
-
-    Cached per (file, size, modification time), so a repeated check in one process reads nothing.
-    """
-    loc = storage.resolve(uri)
-    try:
-        info = loc.fs.get_file_info(loc.path)
-    except Exception as exc:
-        raise storage.StorageError(f"{key}: cannot reach {uri}: {exc}") from exc
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"{key}: {uri} does not exist")
-    if info.type == pafs.FileType.Directory:
-        h = hashlib.sha256()
-        entries = loc.fs.get_file_info(pafs.FileSelector(loc.path))
-        for e in sorted((e for e in entries if e.type == pafs.FileType.File and e.path.lower().endswith(IMAGE_EXTENSIONS)),
-                        key=lambda e: e.path):
-            name = e.path.rsplit("/", 1)[-1]
-            h.update(f"{name}\0{file_digest(storage.join(uri, name), key)}\n".encode())
-        return f"sha256:{h.hexdigest()}"
-    cache_key = (loc.uri, info.size, info.mtime_ns)
-    if cache_key not in _DIGESTS:
-        h = hashlib.sha256()
-        with loc.fs.open_input_stream(loc.path) as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
-        _DIGESTS[cache_key] = f"sha256:{h.hexdigest()}"
-    return _DIGESTS[cache_key]
-
-
-def content_hash(cfg: SynthConfig) -> str:
-    """Hash of what determines the dataset: the content settings, and the bytes (not paths) of every input file."""
-    data = cfg.model_dump(mode="json", exclude=NON_CONTENT)
-    for key, (prefix, uri) in input_files(cfg).items():
-        section, name = key.split(".")
-        data[section][name] = prefix + file_digest(uri, key)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def units_of(cfg: SynthConfig) -> dict[int, np.ndarray]:
@@ -156,8 +83,6 @@ def context_faces(cfg: SynthConfig, ids: np.ndarray) -> np.ndarray:
     """Context face images: the i-th image of ``contexts.path`` (sorted) or the world's render of i."""
     size = tuple(cfg.alignment.size)
     if cfg.contexts.path:
-        from synray.io.images import decode_image
-
         names = sorted(f for f in os.listdir(cfg.contexts.path) if f.lower().endswith((".png", ".jpg", ".jpeg")))
         if len(ids) and int(ids.max()) >= len(names):
             raise C.ContextError(f"contexts.path {cfg.contexts.path} has {len(names)} images; identity {int(ids.max())} requested")
@@ -166,10 +91,7 @@ def context_faces(cfg: SynthConfig, ids: np.ndarray) -> np.ndarray:
             p = os.path.join(cfg.contexts.path, names[int(i)])
             with open(p, "rb") as fh:
                 faces.append(decode_image(fh.read(), p))
-        from synray.align import resize
-
         return np.stack([resize(f, size) for f in faces])
-    from synray.world.world import World
 
     world = World(seed=cfg.seed, num_identities=int(ids.max()) + 1 if len(ids) else 1,
                   difficulty=cfg.generator.world_difficulty)
@@ -312,8 +234,6 @@ def _finish(cfg: SynthConfig, prep: Prepared, lease: OutputLease, results: list[
         if manifest["quality"]:
             tracker.log_metrics({f"consistency_{k}": v for k, v in manifest["quality"].items()})
         if previews:
-            import tempfile
-
             with tempfile.TemporaryDirectory() as d:
                 path = os.path.join(d, "samples.png")
                 with open(path, "wb") as fh:
@@ -375,8 +295,6 @@ def build_dataset(cfg: SynthConfig, rows: list[dict], uri: str, meta: dict):
 
 def run_synthesis(cfg: SynthConfig, tracker=None, progress: bool | None = None) -> dict:
     """Run the pipeline on the current Ray (call :func:`synray.runtime.init_ray` first)."""
-    from synray.runtime import is_quiet
-
     with open_output(cfg) as lease:
         prep = prepare(cfg)
         quiet = is_quiet(cfg.ray) if progress is None else not progress
@@ -402,8 +320,6 @@ def run_synthesis(cfg: SynthConfig, tracker=None, progress: bool | None = None) 
 
 # --------------------------------------------------------------------------------------------
 # the job
-
-
 def check(cfg: SynthConfig) -> None:
     try:
         check_config(cfg)

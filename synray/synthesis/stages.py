@@ -14,12 +14,15 @@ from typing import Any
 import cv2
 import numpy as np
 
+from synray.align import resize
 from synray.config.synth import SynthConfig
 from synray.io import shards
-from synray.align import resize
 from synray.io.images import decode_image, encode_image
 from synray.seeds import sample_seed
 from synray.synthesis.contexts import check_rows
+from synray.synthesis.detectors import align_faces, build_detector
+from synray.synthesis.embedders import Embedder, consistency
+from synray.synthesis.generators import build_generator
 
 Unit = dict[str, np.ndarray]
 
@@ -39,8 +42,6 @@ class ContextFaceStage:
     """ADMIS context-enhanced sampling: contexts are FR embeddings of the unit's context faces."""
 
     def __init__(self, cfg: dict):
-        from synray.synthesis.embedders import Embedder
-
         self.cfg = SynthConfig.model_validate(cfg)
         self.embedder = Embedder(self.cfg.contexts.embedder)
 
@@ -58,8 +59,6 @@ class GenerateStage:
     """Loads the generator once (per actor) and renders every image of a unit."""
 
     def __init__(self, cfg: dict):
-        from synray.synthesis.generators import build_generator
-
         self.cfg = SynthConfig.model_validate(cfg)
         self.generator = build_generator(self.cfg)
 
@@ -86,8 +85,6 @@ class AlignStage:
         self.cfg = SynthConfig.model_validate(cfg)
         self.detector = None
         if self.cfg.alignment.mode == "landmarks":
-            from synray.synthesis.detectors import build_detector
-
             self.detector = build_detector(self.cfg.alignment.detector)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -97,8 +94,6 @@ class AlignStage:
         if a.mode == "resize":
             images = resize(images, a.size)
         elif a.mode == "landmarks":
-            from synray.synthesis.detectors import align_faces
-
             images, found = align_faces(self.detector, images, a.size)
             unit["aligned"] = found
         unit["images"] = images
@@ -112,8 +107,6 @@ class FinishStage:
         self.cfg = SynthConfig.model_validate(cfg)
         self.embedder = None
         if self.cfg.quality.embedder:
-            from synray.synthesis.embedders import Embedder
-
             self.embedder = Embedder(self.cfg.quality.embedder)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -134,8 +127,6 @@ class FinishStage:
             kinds = np.concatenate([kinds, np.array(["context"] * m, dtype=object)])
         quality = np.full(len(unit["identity"]), np.nan, np.float32)
         if self.embedder is not None:
-            from synray.synthesis.embedders import consistency
-
             emb = self.embedder.embed(unit["images"])
             anchors = None
             if self.cfg.contexts.source == "face_embeddings" and self.cfg.contexts.embedder == self.cfg.quality.embedder:
