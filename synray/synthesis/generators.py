@@ -14,6 +14,7 @@ import torch
 from synray.config.synth import SynthConfig
 from synray.diffusion.sampling import sample
 from synray.seeds import sample_seed, torch_generator
+from synray.synthesis.registry import generator_entry
 
 
 class Generator(Protocol):
@@ -117,11 +118,5 @@ class DCGANGenerator:
 
 
 def build_generator(cfg: SynthConfig) -> Generator:
-    kind = cfg.generator.type
-    if kind == "world":
-        return WorldGenerator(cfg)
-    if kind == "ldm":
-        return LDMGenerator(cfg)
-    if kind == "dcgan":
-        return DCGANGenerator(cfg)
-    raise ValueError(f"unknown generator type {kind!r}; valid: world, ldm, dcgan")
+    """The generator ``generator.type`` names (:mod:`synray.synthesis.registry`)."""
+    return generator_entry(cfg.generator.type).build(cfg)

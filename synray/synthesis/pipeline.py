@@ -34,7 +34,13 @@ from synray.runtime import is_quiet
 from synray.synthesis import contexts as C
 from synray.synthesis.card import dataset_card
 from synray.synthesis.fingerprint import content_hash, file_digest, input_files
-from synray.synthesis.stages import AlignStage, ContextFaceStage, FinishStage, GenerateStage, WriteStage
+from synray.synthesis.stages import (
+    AlignStage,
+    ContextFaceStage,
+    FinishStage,
+    GenerateStage,
+    WriteStage,
+)
 from synray.world.world import World
 
 log = logging.getLogger(__name__)
