@@ -109,7 +109,8 @@ def test_blocks_default_per_job_and_take_overrides():
 # --- one place for defaults, every field used ----------------------------------------------------
 
 def test_config_defaults_are_the_samplers_defaults_and_every_field_is_mapped():
-    assert set(LOW_LEVEL) == set(METHODS) == set(SAMPLERS)
+    # METHODS: the built-in methods; SAMPLERS may also hold plugins registered by other tests in this process
+    assert set(LOW_LEVEL) == set(METHODS) and set(METHODS) <= set(SAMPLERS)
     for method, (fn, names, _) in LOW_LEVEL.items():
         cfg = SAMPLERS[method]()
         params = inspect.signature(fn).parameters
