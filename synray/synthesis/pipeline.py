@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 #: fields that change how fast a dataset is made, never what it contains
 NON_CONTENT = {"name": True, "output": True, "tracking": True, "ray": True, "local": True,
-               "generator": {"batch_size", "num_gpus", "num_cpus", "min_actors", "max_actors"},
+               "generator": {"batch_size", "num_gpus", "num_cpus", "min_actors", "max_actors", "precision",
+                             "channels_last", "compile"},
                "alignment": {"num_cpus"}}
 CONTEXT_FACE_SAMPLE = 10**6  # world sample index reserved for an identity's context face
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
