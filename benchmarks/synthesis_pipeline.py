@@ -75,7 +75,7 @@ def plain_loop(cfg) -> dict:
         seconds = dict.fromkeys(stages, 0.0)
         images = 0
         t_rows = time.perf_counter()
-        rows = unit_rows(cfg, units, pending)
+        rows = list(unit_rows(cfg, pending))
         seconds["unit_rows"] = time.perf_counter() - t_rows
         for row in rows:
             batch = {k: np.asarray(v)[None] for k, v in row.items()}

@@ -184,7 +184,7 @@ def world_config(assets, identities: int, start: int, precision: str) -> SynthCo
 
 def test_world_ldm_bf16_identity_consistency_within_margin_of_fp32(world_ldm):
     from synray.synthesis.embedders import Embedder, consistency
-    from synray.synthesis.generators import LDMGenerator
+    from synray.synthesis.neural_generators import LDMGenerator
     from synray.synthesis.pipeline import context_faces
 
     n, start = 64, 256  # novel identities (the LDM was trained on the first 256)
@@ -206,7 +206,7 @@ def test_world_ldm_bf16_identity_consistency_within_margin_of_fp32(world_ldm):
 
 
 def test_generator_auto_precision_on_cpu_is_the_float32_path(world_ldm):
-    from synray.synthesis.generators import CPU_BATCH, LDMGenerator
+    from synray.synthesis.neural_generators import CPU_BATCH, LDMGenerator
 
     cfg = world_config(world_ldm, 2, 256, "auto")
     cfg.generator.batch_size = "auto"

@@ -10,12 +10,15 @@ unreadable ones, and refuses shards of another config. The manifest, the dataset
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,12 +119,21 @@ def content_hash(cfg: SynthConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def unit_range(cfg: SynthConfig) -> range:
+    """The fixed work units' numbers: unit u holds identities ``u*size .. (u+1)*size - 1`` within the run's range."""
+    size, start, count = cfg.identities.unit_size, cfg.identities.start, cfg.identities.count
+    return range(start // size, start // size + (count + size - 1) // size)
+
+
+def unit_identities(cfg: SynthConfig, unit: int) -> np.ndarray:
+    """The identities of work unit ``unit`` (the last unit may be short)."""
+    size, end = cfg.identities.unit_size, cfg.identities.start + cfg.identities.count
+    return np.arange(unit * size, min((unit + 1) * size, end), dtype=np.int64)
+
+
 def units_of(cfg: SynthConfig) -> dict[int, np.ndarray]:
-    """Fixed work units: unit u holds identities ``start + u*size .. start + (u+1)*size - 1``."""
-    ids = np.arange(cfg.identities.start, cfg.identities.start + cfg.identities.count, dtype=np.int64)
-    size = cfg.identities.unit_size
-    first = cfg.identities.start // size
-    return {first + k: ids[k * size:(k + 1) * size] for k in range((len(ids) + size - 1) // size)}
+    """Every unit's identities (a dict over the whole run: for small runs and tests; jobs use :func:`unit_range`)."""
+    return {u: unit_identities(cfg, u) for u in unit_range(cfg)}
 
 
 def check_config(cfg: SynthConfig) -> None:
@@ -144,13 +156,30 @@ def check_config(cfg: SynthConfig) -> None:
             raise ValueError(f"{key}: {path} does not exist")
 
 
-def _base_contexts(cfg: SynthConfig, all_ids: np.ndarray) -> np.ndarray:
+def all_identities(cfg: SynthConfig) -> np.ndarray:
+    return np.arange(cfg.identities.start, cfg.identities.start + cfg.identities.count, dtype=np.int64)
+
+
+def needs_base(cfg: SynthConfig) -> bool:
+    """Whether a unit's contexts depend on other identities' (a file's table, separation, mixup partners)."""
     c = cfg.contexts
+    return c.source in ("embeddings_file", "mixup") or (c.source == "gaussian" and c.separation.max_cosine is not None)
+
+
+def base_contexts(cfg: SynthConfig) -> np.ndarray:
+    """The unmixed contexts of every identity of the run, for the sources of :func:`needs_base`."""
+    c, all_ids = cfg.contexts, all_identities(cfg)
     if c.source == "embeddings_file":
         return C.from_table(C.load_embeddings(c.path), all_ids, c.dim, c.path)
     if c.separation.max_cosine is not None:
         return C.separated_gaussian(cfg.seed, all_ids, c.dim, c.separation.max_cosine, c.separation.max_tries)
     return C.gaussian(cfg.seed, all_ids, c.dim)
+
+
+@functools.lru_cache(maxsize=4)
+def _face_files(folder: str) -> list[str]:
+    """The image files of a context-face folder, sorted (listed once per process: rows are made unit by unit)."""
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith((".png", ".jpg", ".jpeg")))
 
 
 def context_faces(cfg: SynthConfig, ids: np.ndarray) -> np.ndarray:
@@ -159,7 +188,7 @@ def context_faces(cfg: SynthConfig, ids: np.ndarray) -> np.ndarray:
     if cfg.contexts.path:
         from synray.io.images import decode_image
 
-        names = sorted(f for f in os.listdir(cfg.contexts.path) if f.lower().endswith((".png", ".jpg", ".jpeg")))
+        names = _face_files(cfg.contexts.path)
         if len(ids) and int(ids.max()) >= len(names):
             raise C.ContextError(f"contexts.path {cfg.contexts.path} has {len(names)} images; identity {int(ids.max())} requested")
         faces = []
@@ -177,31 +206,50 @@ def context_faces(cfg: SynthConfig, ids: np.ndarray) -> np.ndarray:
     return np.stack([world.render(int(i), CONTEXT_FACE_SAMPLE) for i in ids])
 
 
-def unit_rows(cfg: SynthConfig, units: dict[int, np.ndarray], only: list[int]) -> list[dict[str, Any]]:
-    """The input rows for the pending units: identities, contexts, soft labels (and context faces)."""
-    all_ids = np.concatenate(list(units.values()))
+def unit_row(cfg: SynthConfig, unit: int, base: np.ndarray | None = None) -> dict[str, Any]:
+    """One unit's input row: identities, contexts, soft labels (and context faces).
+
+    A pure function of the config and the unit (``base``: :func:`base_contexts`, for the sources that need it),
+    so the rows are made where they are consumed, a unit at a time, and the driver never holds them.
+    """
+    ids = unit_identities(cfg, unit)
     src = cfg.contexts.source
-    if src == "face_embeddings":
-        base = np.zeros((len(all_ids), cfg.contexts.dim), np.float32)  # filled by ContextFaceStage
+    if needs_base(cfg) and base is None:
+        raise ValueError(f"contexts.source {src!r} needs the run's base contexts (base_contexts)")
+    if src == "mixup":
+        mixed = C.mixup(cfg.seed, ids, all_identities(cfg), base, cfg.contexts.mixup.phi)
+        ctx, partner, weight = mixed.vectors, mixed.partner, mixed.weight
     else:
-        base = _base_contexts(cfg, all_ids)
-    index = {int(i): n for n, i in enumerate(all_ids)}
-    rows = []
-    for u in only:
-        ids = units[u]
-        if src == "mixup":
-            mixed = C.mixup(cfg.seed, ids, all_ids, base, cfg.contexts.mixup.phi)
-            ctx, partner, weight = mixed.vectors, mixed.partner, mixed.weight
-        else:
-            ctx = base[[index[int(i)] for i in ids]]
-            partner, weight = np.full(len(ids), -1, np.int64), np.ones(len(ids), np.float32)
-        if src != "face_embeddings":  # those are checked where the embedder computes them
-            C.check_rows(ctx, ids, f"contexts ({src})")
-        row = {"unit": np.int64(u), "ids": ids, "contexts": ctx.astype(np.float32), "partner": partner, "weight": weight}
         if src == "face_embeddings":
-            row["context_faces"] = context_faces(cfg, ids)
-        rows.append(row)
-    return rows
+            ctx = np.zeros((len(ids), cfg.contexts.dim), np.float32)  # filled by ContextFaceStage
+        elif base is not None:
+            ctx = base[ids - cfg.identities.start]
+        else:
+            ctx = C.gaussian(cfg.seed, ids, cfg.contexts.dim)  # per identity: the same rows as over the whole run
+        partner, weight = np.full(len(ids), -1, np.int64), np.ones(len(ids), np.float32)
+    if src != "face_embeddings":  # those are checked where the embedder computes them
+        C.check_rows(ctx, ids, f"contexts ({src})")
+    row = {"unit": np.int64(unit), "ids": ids, "contexts": ctx.astype(np.float32), "partner": partner, "weight": weight}
+    if src == "face_embeddings":
+        row["context_faces"] = context_faces(cfg, ids)
+    return row
+
+
+def unit_rows(cfg: SynthConfig, only: list[int]) -> Iterator[dict[str, Any]]:
+    """The input rows of the units ``only``, one at a time (the base contexts computed once, when needed)."""
+    base = base_contexts(cfg) if needs_base(cfg) else None
+    for u in only:
+        yield unit_row(cfg, u, base)
+
+
+def _rows_batch(batch: dict[str, np.ndarray], cfg: dict, pending: list[int], base: Any = None) -> dict[str, np.ndarray]:
+    """Ray Data: row ``k`` of ``range(len(pending))`` -> the input row of unit ``pending[k]``."""
+    import ray
+
+    (k,) = batch["id"]
+    base_arr = ray.get(base) if base is not None else None
+    row = unit_row(SynthConfig.model_validate(cfg), pending[int(k)], base_arr)
+    return {name: np.asarray(v)[None] for name, v in row.items()}
 
 
 @dataclass
@@ -210,7 +258,7 @@ class Prepared:
 
     uri: str
     pending: list[int]
-    units: dict[int, np.ndarray]
+    units: range  # every unit of the run (:func:`unit_range`)
     meta: dict[str, Any]
     rewritten: list[str]
     removed_temp: list[str]
@@ -231,13 +279,13 @@ def prepare(cfg: SynthConfig) -> Prepared:
             f"{uri} holds a dataset in synray's previous layout (shards and manifest.json at the root); it stays"
             f" readable for training, but new shards go to {shards.DATA_DIR}/: write to a new output.uri"
         )
-    units = units_of(cfg)
+    units = unit_range(cfg)
     chash = content_hash(cfg)
     removed = shards.remove_temp_files(uri)
     for t in removed:
         log.warning("removed %s, the temp file of a killed writer", t)
     done = shards.list_shards(uri)
-    stray = sorted(set(done) - set(units))
+    stray = sorted(u for u in done if u not in units)
     if stray:
         raise shards.ShardError(f"{uri} holds shards for units {stray[:5]} outside identities.start/count")
     _, errors = shards.read_footers(done, chash, on_error="collect")
@@ -262,7 +310,7 @@ def prepare(cfg: SynthConfig) -> Prepared:
     return Prepared(uri, pending, units, meta, rewritten, removed)
 
 
-def prepare_output(cfg: SynthConfig) -> tuple[str, list[int], dict[int, np.ndarray], dict[str, Any]]:
+def prepare_output(cfg: SynthConfig) -> tuple[str, list[int], range, dict[str, Any]]:
     """:func:`prepare` as ``(uri, pending units, all units, shard metadata)``; hold the lease (:func:`open_output`)."""
     p = prepare(cfg)
     return p.uri, p.pending, p.units, p.meta
@@ -278,26 +326,52 @@ def _cfg_dict(cfg: SynthConfig) -> dict:
     return cfg.model_dump(mode="json")
 
 
-def _finish(cfg: SynthConfig, prep: Prepared, lease: OutputLease, results: list[dict], seconds: float, backend: str,
+@dataclass
+class Totals:
+    """Running sums over the units written: the driver keeps these, not a row per unit, so its memory does
+    not grow with the dataset."""
+
+    units: int = 0
+    rows: int = 0
+    filtered: int = 0
+    gen_seconds: float = 0.0
+    quality_sum: float = 0.0
+    quality_n: int = 0
+    gen_first_start: float = math.inf  # wall-clock start of the first generate call, end of the last
+    gen_last_end: float = -math.inf
+
+    def add(self, row: dict[str, Any]) -> None:
+        r = _row_dict(row)
+        self.units += 1
+        self.rows += int(r["rows"])
+        self.filtered += int(r["filtered"])
+        self.gen_seconds += float(r["gen_seconds"])
+        self.quality_sum += float(r["quality_sum"])
+        self.quality_n += int(r["quality_n"])
+        self.gen_first_start = min(self.gen_first_start, float(r["gen_started"]))
+        self.gen_last_end = max(self.gen_last_end, float(r["gen_started"]) + float(r["gen_seconds"]))
+
+
+def _finish(cfg: SynthConfig, prep: Prepared, lease: OutputLease, totals: Totals, seconds: float, backend: str,
             tracker) -> dict:
     """Summary, then the files that describe the dataset, ``_manifest.json`` and ``_SUCCESS`` last."""
     uri = prep.uri
-    images = int(sum(r["rows"] for r in results))
-    qn = int(sum(r["quality_n"] for r in results))
+    images, qn = totals.rows, totals.quality_n
     summary = {
-        "backend": backend, "units_written": len(results), "units_skipped": len(prep.units) - len(prep.pending),
-        "images_written": images, "filtered": int(sum(r["filtered"] for r in results)),
+        "backend": backend, "units_written": totals.units, "units_skipped": len(prep.units) - len(prep.pending),
+        "images_written": images, "filtered": totals.filtered,
         "seconds": seconds, "images_per_second": images / seconds if seconds > 0 else 0.0,
-        "generator_seconds": float(sum(r["gen_seconds"] for r in results)),
-        "quality_mean_written": (sum(r["quality_sum"] for r in results) / qn) if qn else None,
+        "generator_seconds": totals.gen_seconds,
+        # from the first generate call's start to the last one's end: the generator's span, without start-up
+        "generator_span_seconds": max(totals.gen_last_end - totals.gen_first_start, 0.0) if totals.units else 0.0,
+        "quality_mean_written": (totals.quality_sum / qn) if qn else None,
         "shards_rewritten": prep.rewritten, "temp_files_removed": len(prep.removed_temp),
     }
     lease.check()
     manifest = shards.build_manifest(uri, {"generator": cfg.generator.type, "name": cfg.name, "last_run": dict(summary)},
-                                     expected_units=sorted(prep.units), config_hash=prep.meta["config_hash"])
+                                     expected_units=list(prep.units), config_hash=prep.meta["config_hash"])
     summary["manifest"] = {k: manifest[k] for k in ("shards", "rows", "identities", "kinds", "quality")}
-    previews = [r["preview"] for r in results][:64]
-    if previews:  # identities (rows) x samples, spread over the whole dataset
+    if totals.units:  # identities (rows) x samples, spread over the whole dataset
         grid = dataset_grid(open_source(uri, allow_incomplete=True), identities=8, samples=8)
         storage.write_bytes_atomic(storage.join(uri, shards.SAMPLES), encode_png(grid))
     has_samples = storage.exists(storage.join(uri, shards.SAMPLES))
@@ -312,7 +386,7 @@ def _finish(cfg: SynthConfig, prep: Prepared, lease: OutputLease, results: list[
         tracker.log_metrics({"dataset_rows": manifest["rows"], "dataset_identities": manifest["identities"]})
         if manifest["quality"]:
             tracker.log_metrics({f"consistency_{k}": v for k, v in manifest["quality"].items()})
-        if previews:
+        if totals.units and has_samples:
             import tempfile
 
             with tempfile.TemporaryDirectory() as d:
@@ -334,27 +408,35 @@ def run_local(cfg: SynthConfig, tracker=None) -> dict:
         prep = prepare(cfg)
         d = _cfg_dict(cfg)
         t0 = time.perf_counter()
-        results = []
+        totals = Totals()
         if prep.pending:
             stages = ([ContextFaceStage(d)] if cfg.contexts.source == "face_embeddings" else []) + [
                 GenerateStage(d), AlignStage(d), FinishStage(d), WriteStage(d, prep.uri, prep.meta)]
-            for row in unit_rows(cfg, prep.units, prep.pending):
+            for row in unit_rows(cfg, prep.pending):
                 lease.check()
                 batch = {k: np.asarray(v)[None] for k, v in row.items()}
                 for stage in stages:
                     batch = stage(batch)
-                results.append(_row_dict({k: v[0] if len(v) == 1 else v for k, v in batch.items()}))
-        return _finish(cfg, prep, lease, results, time.perf_counter() - t0, "local", tracker)
+                totals.add(batch)
+        return _finish(cfg, prep, lease, totals, time.perf_counter() - t0, "local", tracker)
 
 
-def build_dataset(cfg: SynthConfig, rows: list[dict], uri: str, meta: dict):
-    """Wire the stages into a Ray Dataset (lazy); each stage is a pool sized by the config."""
+def build_dataset(cfg: SynthConfig, pending: list[int], uri: str, meta: dict, base: Any = None):
+    """Wire the stages into a Ray Dataset (lazy); each stage is a pool sized by the config.
+
+    The dataset starts from ``range(len(pending))``: each unit's row (identities, contexts, context faces) is
+    made by a task just ahead of the generator, so the driver holds neither the rows nor the contexts, and
+    the generator actors start while the first rows are made. ``base``: an object ref to
+    :func:`base_contexts` for the sources that need them.
+    """
     import ray.data
     from ray.data import ActorPoolStrategy
 
     d = _cfg_dict(cfg)
     g = cfg.generator
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    ds = ray.data.range(len(pending), override_num_blocks=max(1, len(pending)))
+    ds = ds.map_batches(_rows_batch, fn_kwargs={"cfg": d, "pending": list(pending), "base": base}, batch_size=1,
+                        num_cpus=0.25)
     if cfg.contexts.source == "face_embeddings":
         ds = ds.map_batches(ContextFaceStage, fn_constructor_kwargs={"cfg": d}, batch_size=1, num_cpus=0.5,
                             compute=ActorPoolStrategy(min_size=1, max_size=g.max_actors))
@@ -374,6 +456,17 @@ def build_dataset(cfg: SynthConfig, rows: list[dict], uri: str, meta: dict):
     return ds.map_batches(WriteStage(d, uri, meta), batch_size=1, num_cpus=0.25)
 
 
+def _put_base(cfg: SynthConfig):
+    """An object ref to :func:`base_contexts`, computed by a Ray task (the table never enters the driver)."""
+    import ray
+
+    return ray.remote(num_cpus=0.25)(_base_task).remote(_cfg_dict(cfg)) if needs_base(cfg) else None
+
+
+def _base_task(cfg: dict) -> np.ndarray:
+    return base_contexts(SynthConfig.model_validate(cfg))
+
+
 def run_synthesis(cfg: SynthConfig, tracker=None, progress: bool | None = None) -> dict:
     """Run the pipeline on the current Ray (call :func:`synray.runtime.init_ray` first)."""
     from synray.runtime import is_quiet
@@ -382,23 +475,21 @@ def run_synthesis(cfg: SynthConfig, tracker=None, progress: bool | None = None) 
         prep = prepare(cfg)
         quiet = is_quiet(cfg.ray) if progress is None else not progress
         t0 = time.perf_counter()
-        results: list[dict] = []
+        totals = Totals()
         if prep.pending:
-            rows = unit_rows(cfg, prep.units, prep.pending)
-            ds = build_dataset(cfg, rows, prep.uri, prep.meta)
+            ds = build_dataset(cfg, prep.pending, prep.uri, prep.meta, _put_base(cfg))
             skipped = len(prep.units) - len(prep.pending)
             bar = JobProgress("synth", len(prep.pending), "units", quiet)
             try:
                 bar.update(0, skipped=skipped)
                 for row in ds.iter_rows():
                     lease.check()
-                    results.append(_row_dict(row))
-                    images = int(sum(r["rows"] for r in results))
-                    bar.update(len(results), images=images,
-                               **{"img/s": images / max(time.perf_counter() - t0, 1e-9)})
+                    totals.add(row)
+                    bar.update(totals.units, images=totals.rows,
+                               **{"img/s": totals.rows / max(time.perf_counter() - t0, 1e-9)})
             finally:
                 bar.close()
-        return _finish(cfg, prep, lease, results, time.perf_counter() - t0, "ray", tracker)
+        return _finish(cfg, prep, lease, totals, time.perf_counter() - t0, "ray", tracker)
 
 
 # --------------------------------------------------------------------------------------------

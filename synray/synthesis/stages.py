@@ -67,9 +67,10 @@ class GenerateStage:
         unit = unbatch(batch)
         n = self.cfg.generator.images_per_identity
         ids = unit["ids"].astype(np.int64)
-        t0 = time.perf_counter()
+        started, t0 = time.time(), time.perf_counter()
         images = self.generator.generate(ids, unit["contexts"], np.full(len(ids), n))
         unit["gen_seconds"] = np.float64(time.perf_counter() - t0)
+        unit["gen_started"] = np.float64(started)
         unit["images"] = images
         unit["identity"] = np.repeat(ids, n)
         unit["sample"] = np.tile(np.arange(n, dtype=np.int32), len(ids))
@@ -177,9 +178,9 @@ class WriteStage:
             "unit": np.array([int(unit["unit"])]), "rows": np.array([len(images)]),
             "identities": np.array([len(unit["ids"])]), "filtered": np.array([int(unit.get("filtered", 0))]),
             "gen_seconds": np.array([float(unit.get("gen_seconds", 0.0))]),
+            "gen_started": np.array([float(unit.get("gen_started", time.time()))]),
             "write_seconds": np.array([time.perf_counter() - t0]),
             "quality_sum": np.array([float(np.nansum(q))]), "quality_n": np.array([int(np.isfinite(q).sum())]),
-            "preview": np.array([encode_image(images[0], ".png") if len(images) else b""], dtype=object),
         }
 
 
