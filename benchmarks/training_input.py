@@ -8,7 +8,7 @@ cheap and any overhead shows) and IR-50 (conf/train/ir50_arcface.yaml: ``tface_i
    read, global shuffle, PNG decode, resize, flip + ADMIS crop) delivers to ``iter_torch_batches`` on
    this machine -- marginal rate from passes over R and 2R rows (and the fixed start-up per pass) --
    divided by the samples/s one training step
-   (:meth:`synray.training.recognition.Learner.step`, 1 torch thread = one Ray Train worker with
+   (:meth:`synray.training.learner.Learner.step`, 1 torch thread = one Ray Train worker with
    ``cpus_per_worker: 1``) consumes on batches already in memory. Goal >= 2: the loader never starves
    the trainer.
 2. **Ray Train / plain**: steps/s of the same ``Learner.step`` on the same in-memory batches inside a
@@ -111,7 +111,7 @@ def _wait(path: Path, stop: threading.Event | None = None, timeout: float = 1800
 def _learner_and_data(cfg, plan, batches, device):
     import torch
 
-    from synray.training.recognition import Learner
+    from synray.training.learner import Learner
 
     learner = Learner(cfg, plan, device=device)
     data = [{k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in b.items()} for b in batches]
@@ -141,7 +141,7 @@ def _ray_train_loop(config: dict) -> None:
     import torch
 
     from synray.config.train import TrainConfig
-    from synray.training.recognition import TrainPlan
+    from synray.training.learner import TrainPlan
 
     torch.set_num_threads(1)
     cfg = TrainConfig.model_validate(config["cfg"])

@@ -29,16 +29,19 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "ARCFACE_DST", "FACEVOLVE_REFERENCE_96x112", "arcface_template", "facevolve_reference", "umeyama",
+    "ARCFACE_TEMPLATE", "ARCFACE_DST", "FACEVOLVE_REFERENCE_96x112", "arcface_template", "facevolve_reference", "umeyama",
     "similarity_matrix", "estimate_norm", "cp2tform_matrix", "synface_matrix", "warp", "norm_crop",
     "synface_crop", "resize", "landmarks68_to_5",
 ]
 
-#: ArcFace 112x112 template (insightface ``arcface_dst``), float32 as in the reference.
-ARCFACE_DST = np.array(
+#: ArcFace 112x112 template (insightface ``arcface_dst``: left eye, right eye, nose tip, left and right
+#: mouth corner), in float64 for geometry that is not insightface's (the world renderer aligns onto it).
+ARCFACE_TEMPLATE = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
-    dtype=np.float32,
+    dtype=np.float64,
 )
+#: the same template in float32, as the reference holds it (insightface's alignment matrices need it).
+ARCFACE_DST = ARCFACE_TEMPLATE.astype(np.float32)
 #: face.evoLVe / SynFace reference points for a 96 wide x 112 high crop.
 FACEVOLVE_REFERENCE_96x112 = np.array(
     [[30.29459953, 51.69630051], [65.53179932, 51.50139999], [48.02519989, 71.73660278],

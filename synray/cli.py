@@ -12,9 +12,10 @@ import json
 import os
 import sys
 
+from synray.config import to_yaml
 from synray.config.paths import project_conf_dir
 from synray.errors import UserError
-from synray.jobs import JOBS, Job
+from synray.jobs import JOBS, Job, load_job, run_job
 
 #: per-command flags that stand for config overrides
 FLAGS: dict[str, dict[str, tuple[str, list[str]]]] = {
@@ -51,7 +52,7 @@ def _flag_overrides(command: str, args: argparse.Namespace) -> list[str]:
     for flag, (_, overrides) in FLAGS.get(command, {}).items():
         if getattr(args, flag.lstrip("-").replace("-", "_"), False):
             if command == "quickstart" and flag == "--tiny":
-                from synray.quickstart import TINY
+                from synray.quickstart import TINY  # the quickstart job's modules (torch) only when asked for
 
                 overrides = TINY
             out += overrides
@@ -96,8 +97,6 @@ def _config_path(args: argparse.Namespace) -> str | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from synray.jobs import load_job, run_job
-
     command = args.job.command
     keys = [key for key, _, _ in POSITIONAL.get(command, [])] + [key for key, _, _ in OPTIONS.get(command, {}).values()]
     given = [f"{key}={json.dumps(getattr(args, _dest(key)))}" for key in keys if getattr(args, _dest(key), None) is not None]
@@ -120,14 +119,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from synray.config import to_yaml
-    from synray.jobs import load_job
-
     print(to_yaml(load_job(args.config, args.overrides)), end="")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
+    # torch and the models only for this command: ``synray --help`` and the job commands stay fast to start
     from synray.evaluation.evaluate import evaluate_bins, format_table
     from synray.models.export import load_exported_backbone
     from synray.models.registry import load_backbone
@@ -151,7 +148,9 @@ EVAL_EPILOG = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="synray", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="synray", description="Identity-labelled synthetic face datasets and face-recognition training on Ray. "
+        "Every job takes a YAML config (see conf/) and --set key=value overrides.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for job in JOBS.values():
         _add_job(sub, job)

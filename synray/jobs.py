@@ -26,7 +26,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from synray import runtime
 from synray.config.base import ConfigError, apply_overrides, read_yaml, redact, validate
+from synray.tracking import job_run
 
 __all__ = ["Job", "JOBS", "JobContext", "Need", "Outcome", "job_for", "load_job", "run_job"]
 
@@ -134,20 +136,21 @@ class Outcome:
     ok: bool = True
 
     def set_verification(self, results: dict[str, dict[str, float]], tracker: Any = None) -> None:
-        from synray.evaluation.evaluate import format_table
+        from synray.evaluation.evaluate import format_table  # torch: not at import time of the command line
+        from synray.evaluation.verification import accuracy_metrics
 
         self.verification = results
         self.table = format_table(results)
         if tracker is not None:
             tracker.log_text(self.table, "verification.txt")
-            tracker.log_metrics({f"final/{k}/accuracy": v["accuracy"] for k, v in results.items()})
+            tracker.log_metrics(accuracy_metrics(results, "final/"))
 
     def summary(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k not in ("table", "ok") and v not in (None, {})}
         return redact(out)
 
     def write_summary(self, uri: str) -> None:
-        from synray.io import storage
+        from synray.io import storage  # pyarrow: not at import time of the command line
 
         storage.write_bytes_atomic(uri, json.dumps(self.summary(), indent=2, default=str).encode())
 
@@ -161,9 +164,6 @@ class Outcome:
 
 def run_job(cfg: BaseModel, *, callbacks: Sequence[Any] = (), quiet: bool | None = None) -> Outcome:
     """Check, start or join Ray once, open the MLflow run, run the job; Ray is shut down only if started here."""
-    from synray import runtime
-    from synray.tracking import job_run
-
     job = job_for(cfg.kind)
     impl = job.impl()
     quiet = runtime.is_quiet(cfg.ray) if quiet is None else quiet

@@ -24,6 +24,9 @@ from synray.evaluation.roc_plots import log_artifacts, roc_artifacts
 from synray.io import storage
 from synray.jobs import JobContext, Need, Outcome, load_job, run_job
 from synray.redact import redact_text
+from synray.synthesis.embedders import embedding_dim
+from synray.tracking import mlflow_ui_hint
+from synray.world.world import DEFAULT_DIFFICULTY, World
 
 ASSET_FILES = ("teacher.pt", "generator.json", "unet.ckpt", "vq_decoder.pt")
 #: ``--tiny``: CI size (about 3 minutes on 2 cores with the shipped assets; a tiny ``--rebuild-assets`` adds 3)
@@ -41,15 +44,11 @@ def _stage(stage, *overrides: str):
 
 
 def world_difficulty(cfg: QuickstartConfig) -> float:
-    from synray.world.world import DEFAULT_DIFFICULTY
-
     return DEFAULT_DIFFICULTY if cfg.world.difficulty is None else cfg.world.difficulty
 
 
 def make_real_split(cfg: QuickstartConfig, tracking: list[str]) -> tuple[str, str, dict]:
     """World "real" data: training shards (kind=real) and held-out verification ``.bin`` sets."""
-    from synray.world.world import World
-
     w = cfg.world
     bins = os.path.join(cfg.output, "bins")
     if not os.path.exists(os.path.join(bins, ".done")):
@@ -73,8 +72,6 @@ def train_student(cfg: QuickstartConfig, name: str, data: str, bins: str, tracki
 
 def build_assets(cfg: QuickstartConfig, real_uri: str, bins: str, dest: str, tracking: list[str]) -> dict[str, Any]:
     """Train the world teacher (``synray train``) and the LDM (``synray train-ldm``) and copy them to ``dest``."""
-    from synray.io import storage
-
     work = os.path.join(cfg.output, "assets-build")
     teacher = run_job(_stage(cfg.teacher, "name=teacher", f"epochs={cfg.teacher_epochs}", f"data.train={real_uri}", f"eval.bins=[{bins}]",
                                   f"output.uri={work}", *tracking))
@@ -91,7 +88,6 @@ def build_assets(cfg: QuickstartConfig, real_uri: str, bins: str, dest: str, tra
         with open(os.path.join(dest, name), "wb") as fh:
             fh.write(storage.read_bytes(gen[key]))
         gen[key] = name
-    from synray.synthesis.embedders import embedding_dim
 
     meta = {"generator": gen, "teacher": "teacher.pt", "context_dim": embedding_dim(teacher_path),
             "teacher_verification": teacher.verification, "ldm_metrics": ldm.metrics,
@@ -116,8 +112,6 @@ def load_assets(folder: str) -> dict[str, Any]:
         gen[key] = os.path.join(folder, gen[key])
     teacher = os.path.join(folder, meta["teacher"])
     if "context_dim" not in meta:
-        from synray.synthesis.embedders import embedding_dim
-
         meta["context_dim"] = embedding_dim(teacher)
     return {"generator": gen, "teacher": teacher, "meta": meta}
 
@@ -181,8 +175,6 @@ def needs(cfg: QuickstartConfig) -> list[Need]:
 
 def run(cfg: QuickstartConfig, ctx: JobContext) -> Outcome:
     """The whole protocol; ``assets_only`` stops after (re)building the teacher and LDM."""
-    from synray.tracking import mlflow_ui_hint
-
     t0 = time.perf_counter()
     tracker = ctx.tracker
     os.makedirs(cfg.output, exist_ok=True)

@@ -25,6 +25,7 @@ from typing import Any
 from synray.config import ConfigError, RayConfig
 from synray.config.paths import is_local
 from synray.errors import UserError
+from synray.tracking import resolve_tracking_uri
 
 __all__ = ["is_quiet", "init_ray", "under_job_submit", "check_writes", "check_cluster_writes", "check_storage", "preflight",
            "ResourceError", "configure_data_context"]
@@ -98,8 +99,6 @@ def _writes(cfg: Any) -> dict[str, Any]:
 
 
 def _tracking_store(cfg: Any) -> str | None:
-    from synray.tracking import resolve_tracking_uri
-
     tracking = getattr(cfg, "tracking", None)
     if tracking is None or not tracking.enabled:
         return None

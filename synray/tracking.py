@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -91,7 +92,6 @@ class Tracker:
             if not path.lower().endswith(TEXT_SUFFIXES):
                 mlflow.log_artifact(path, artifact_path)
                 return
-            import tempfile
 
             with open(path, encoding="utf-8", errors="replace") as fh:
                 text = redact_text(fh.read())

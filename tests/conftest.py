@@ -218,7 +218,7 @@ def world_teacher(tmp_path_factory):
     """A small FR model trained on 48 world identities, 32-d at 32x32 (distillation, LDM and sweep tests)."""
     import torch
 
-    from synray.distill.teachers import fit_world_teacher
+    from synray.world.teacher import fit_world_teacher
 
     torch.set_num_threads(1)  # two busy-waiting threads on 2 shared cores are many times slower
     path = tmp_path_factory.getbasetemp() / "world_teacher_32.pt"

@@ -13,6 +13,7 @@ import torch
 from synray.models import keymap
 from synray.models.cfsm import AdaptiveInstanceNorm2d, CFSMGenerator, load_generator
 from synray.models.checkpoint import CheckpointError, load_strict
+from synray.models.inputs import normalize_images
 from synray.models.iresnet import IRESNET_LAYERS
 from synray.models.irse import IR_LAYERS, rgb_to_bgr
 from synray.models.registry import (
@@ -21,7 +22,6 @@ from synray.models.registry import (
     build_backbone,
     list_backbones,
     load_backbone,
-    normalize_images,
 )
 
 torch.set_num_threads(1)

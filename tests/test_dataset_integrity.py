@@ -23,7 +23,8 @@ from synray.io import lease as L
 from synray.io import shards, storage
 from synray.io.images import ImageDecodeError, encode_image
 from synray.synthesis import contexts as C
-from synray.synthesis.pipeline import content_hash, run_local
+from synray.synthesis.fingerprint import content_hash
+from synray.synthesis.pipeline import run_local
 from synray.training.data import DataError, dataset_info, decode_augment
 
 ROOT = Path(__file__).resolve().parents[1]

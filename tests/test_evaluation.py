@@ -15,12 +15,13 @@ from torch import nn
 
 from synray.evaluation import command
 from synray.evaluation.binset import write_bin
-from synray.evaluation.evaluate import embed, evaluate_bins, find_bins, fit_images, format_table
+from synray.evaluation.evaluate import evaluate_bins, find_bins, format_table
 from synray.evaluation.identification import TINYFACE_RANKS, dir_far, rank_accuracy
 from synray.evaluation.ijb import FPR_TARGETS, auc, ijb_scores, roc_curve, tpr_at_fpr
 from synray.evaluation.verification import (
     evaluate, fuse_flip, kfold, slinear_interp, synface_accuracy, synface_cosine,
 )
+from synray.models.inputs import embed, fit_images
 from synray.models.registry import build_backbone
 
 from conftest import golden_key, golden_keys

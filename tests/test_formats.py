@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from synray.config.base import load_config
-from synray.config.export import ExportConfig
 from synray.config.train import TrainConfig
 from synray.export import finish_rec, plan_export, write_part
 from synray.io import recordio

@@ -248,7 +248,7 @@ def test_ldm_training_step_in_bf16_tracks_float32():
 def test_recognition_learner_in_bf16_tracks_float32(tmp_path):
     from test_training_math import _batch, _plan, _tiny_cfg
 
-    from synray.training.recognition import Learner
+    from synray.training.learner import Learner
 
     gen = torch.Generator().manual_seed(0)
     batch = _batch(8, 6, gen)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from synray.training.resample import (
+from synray.distill.resample import (
     crop_and_resize, crop_geometry, kd_loss, kd_metrics, resample_latents, resampling_weights,
 )
 from synray.training.schedules import (

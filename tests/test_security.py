@@ -360,7 +360,7 @@ FAKE = {"AWS_ACCESS_KEY_ID": "AKIASYNRAYPICKLE0001", "AWS_SECRET_ACCESS_KEY": "s
 def test_pickled_s3_objects_carry_no_credentials(monkeypatch):
     import ray.cloudpickle
 
-    from synray.training.checkpointing import BotoUploadHandler, run_storage
+    from synray.io.s3 import BotoUploadHandler, run_storage
 
     for k, v in FAKE.items():
         monkeypatch.setenv(k, v)
@@ -392,7 +392,7 @@ with loc.fs.open_input_stream(loc.path) as fh:
 
 
 def test_s3_io_with_credentials_from_each_process_chain(s3_server):
-    from synray.training.checkpointing import run_storage
+    from synray.io.s3 import run_storage
 
     storage._s3_filesystem.cache_clear()
     base = f"s3://{s3_server['bucket']}/security-{time.time_ns()}"

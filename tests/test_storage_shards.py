@@ -144,7 +144,7 @@ KILL_SCRIPT = textwrap.dedent(
 
     uri = sys.argv[1]
     if uri.startswith("s3://"):
-        real_client = storage._s3_client
+        real_client = storage.s3_client
         def slow_client():
             client = real_client()
             put = client.put_object
@@ -152,7 +152,7 @@ KILL_SCRIPT = textwrap.dedent(
                 return put(Body=SlowReader(Body), ContentLength=len(Body), **kw)
             client.put_object = put_object
             return client
-        storage._s3_client = slow_client
+        storage.s3_client = slow_client
     else:
         import os
         real_fsync = os.fsync

@@ -20,7 +20,8 @@ from synray.io.images import encode_image
 from synray.io.shards import finish_dataset, write_shard
 from synray.jobs import run_job
 from synray.training.checkpointing import CheckpointReader
-from synray.training.recognition import Learner, plan_training
+from synray.training.learner import Learner
+from synray.training.recognition import plan_training
 from synray.world.world import World
 
 torch.set_num_threads(1)

@@ -29,7 +29,7 @@ from synray.training.mixup import (
     SYNFACE_LAMBDAS, Target, mix_images, mixed_logits, sample_lambda, soft_cross_entropy, synface_targets,
 )
 from synray.training.partial_fc import ShardedClassifier, class_split, sample_centres
-from synray.training.recognition import Learner, TrainPlan, learning_rate
+from synray.training.learner import Learner, TrainPlan, learning_rate
 
 from conftest import golden_key, golden_keys
 

@@ -10,7 +10,8 @@ import pytest
 
 from synray.evaluation.binset import read_bin
 from synray.world.factors import RANGES, NuisanceFactors, identity_factors, nuisance_factors, perturb_identity
-from synray.world.render import ARCFACE_TEMPLATE, render_face, similarity_to
+from synray.align import ARCFACE_TEMPLATE, similarity_matrix
+from synray.world.render import render_face
 from synray.world.world import BIN_SETS, HELDOUT_OFFSET, World
 
 cv2.setNumThreads(1)
@@ -123,7 +124,7 @@ def test_landmarks_follow_the_drawn_eyes_under_pose(yaw, pitch, roll):
             # The pupil (near-black) is drawn at the eye landmark.
             assert luma[y - 1 : y + 2, x - 1 : x + 2].min() < 45, (identity, eye)
         # Re-aligning the landmarks onto the template undoes exactly the aligner error (roll, scale).
-        m = similarity_to(lm.astype(np.float64), ARCFACE_TEMPLATE)
+        m = similarity_matrix(lm.astype(np.float64), ARCFACE_TEMPLATE)
         assert np.degrees(np.arctan2(m[1, 0], m[0, 0])) == pytest.approx(-roll, abs=1e-3)
         assert np.hypot(m[0, 0], m[1, 0]) == pytest.approx(1 / 1.08, rel=1e-5)
         if abs(yaw) > 20:

@@ -6,13 +6,16 @@ Ray work starts. Errors name the dotted key (``train.lr``) and the offending val
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import re
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from synray.config.paths import URI, TrackingURI
 from synray.errors import UserError
@@ -133,6 +136,30 @@ def validate(schema: type[T], data: dict[str, Any], source: str = "<dict>") -> T
         return schema.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
+
+
+def build_dataclass(cls: type[T], values: Mapping[str, Any], key: str, hidden: frozenset[str] = frozenset()) -> T:
+    """``cls(**values)`` for a model's config dataclass (``UNetConfig``, ``VQConfig``), lists standing for
+    tuples, with every bad entry a ``ValueError`` naming its dotted key under ``key``
+    (``vq.config.ch_mult.0: ...``); ``hidden``: fields set elsewhere, not listed as valid keys."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        valid = ", ".join(k for k in known if k not in hidden)
+        raise ValueError("; ".join(f"{key}.{k}: unknown key (valid: {valid})" for k in unknown))
+    try:
+        return TypeAdapter(cls).validate_python(dict(values))
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            field, msg = ".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, ")
+            named = re.match(rf"{cls.__name__}\.(\w+) ", msg)  # __post_init__ names the field it rejects
+            if field:
+                msg += f" (got {e['input']!r})"
+            elif named:
+                field, msg = named.group(1), msg[named.end():]
+            problems.append(f"{key}.{field}: {msg}" if field else f"{key}: {msg}")
+        raise ValueError("; ".join(problems)) from None
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:

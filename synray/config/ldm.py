@@ -13,19 +13,17 @@ before any encoding or Ray work.
 
 from __future__ import annotations
 
-import dataclasses
-import re
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, TypeAdapter, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from synray.config.base import JobConfig, OutputConfig, StrictModel, TrackingConfig
+from synray.config.base import JobConfig, OutputConfig, StrictModel, TrackingConfig, build_dataclass
 from synray.config.paths import URI, ModelRef
 from synray.config.run import CheckpointConfig, ScalingConfig
+from synray.models.unet_config import FLAVOURS, UNetConfig
 
 if TYPE_CHECKING:
-    from synray.models.unet import UNetConfig
     from synray.models.vq import VQConfig
 
 #: context width the architecture is checked with at load time; the real one is known once the contexts are
@@ -133,37 +131,12 @@ class LDMUNetConfig(StrictModel):
         """The UNetConfig: the flavour's flags, CPD, the architecture overrides and ``context_dim`` as the
         context width unless ``architecture.context_input_channels`` sets it. A bad entry is a ValueError
         naming ``unet.architecture.<key>``."""
-        from synray.models.unet import FLAVOURS, UNetConfig  # torch
-
         flags = dict(FLAVOURS[self.flavour])
         flags["context_dropout"] = self.context_dropout
         if self.unconditioned_probability is not None:
             flags["unconditioned_probability"] = self.unconditioned_probability
-        return _build(UNetConfig, {"context_input_channels": context_dim, **self.architecture, **flags},
+        return build_dataclass(UNetConfig, {"context_input_channels": context_dim, **self.architecture, **flags},
                       "unet.architecture", hidden=_UNET_FLAGS)
-
-
-def _build(cls: type, values: dict[str, Any], key: str, hidden: frozenset[str] = frozenset()) -> Any:
-    """``cls(**values)`` for a config dataclass, with every bad entry reported as ``<key>.<field>: ...``
-    (``hidden``: fields set elsewhere, not listed as valid keys)."""
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        valid = ", ".join(k for k in known if k not in hidden)
-        raise ValueError("; ".join(f"{key}.{k}: unknown key (valid: {valid})" for k in unknown))
-    try:
-        return TypeAdapter(cls).validate_python(values)
-    except ValidationError as err:
-        problems = []
-        for e in err.errors():
-            field, msg = ".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, ")
-            named = re.match(rf"{cls.__name__}\.(\w+) ", msg)  # __post_init__ names the field it rejects
-            if field:
-                msg += f" (got {e['input']!r})"
-            elif named:
-                field, msg = named.group(1), msg[named.end():]
-            problems.append(f"{key}.{field}: {msg}" if field else f"{key}: {msg}")
-        raise ValueError("; ".join(problems)) from None
 
 
 class EMAConfig(StrictModel):

@@ -99,3 +99,7 @@ class EvalConfig(StrictModel):
     batch_size: int = Field(256, ge=1)
     flip: bool = True
     every_epochs: int = Field(1, ge=1)
+
+    def due(self, epoch: int, epochs: int) -> bool:
+        """Whether verification runs after ``epoch`` (counted from 1) of ``epochs``: every ``every_epochs``, and the last."""
+        return bool(self.bins) and (epoch % self.every_epochs == 0 or epoch == epochs)

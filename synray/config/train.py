@@ -7,6 +7,7 @@ enabled); ``conf/train/`` holds that recipe at full scale and a tiny world one f
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import partial
 
 from typing import Any, Literal
@@ -18,6 +19,13 @@ from synray.config.paths import URI, ModelRef
 from synray.config.run import CheckpointConfig, EvalConfig, ScalingConfig
 
 
+def _registered(name: str, registry: Iterable[str], what: str) -> str:
+    """``name`` if the registry has it, else an error listing the valid names."""
+    if name not in registry:
+        raise ValueError(f"unknown {what} {name!r}; valid names: {', '.join(sorted(registry))}")
+    return name
+
+
 class BackboneConfig(StrictModel):
     """A registry backbone (``synray.models.registry``) and its constructor arguments."""
 
@@ -27,11 +35,9 @@ class BackboneConfig(StrictModel):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from synray.models.registry import BACKBONES
+        from synray.models.registry import BACKBONES  # torch: configs load without it
 
-        if v not in BACKBONES:
-            raise ValueError(f"unknown backbone {v!r}; valid names: {', '.join(sorted(BACKBONES))}")
-        return v
+        return _registered(v, BACKBONES, "backbone")
 
 
 class HeadConfig(StrictModel):
@@ -43,11 +49,9 @@ class HeadConfig(StrictModel):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from synray.models.heads import HEADS
+        from synray.models.heads import HEADS  # torch: configs load without it
 
-        if v not in HEADS:
-            raise ValueError(f"unknown head {v!r}; valid names: {', '.join(sorted(HEADS))}")
-        return v
+        return _registered(v, HEADS, "head")
 
 
 class DataConfig(StrictModel):

@@ -33,7 +33,7 @@ from torch import Tensor
 from synray.errors import UserError
 from synray.config.distill import DistillGeneratorConfig
 from synray.diffusion.sampling import sample
-from synray.training.resample import crop_and_resize
+from synray.distill.resample import crop_and_resize
 
 __all__ = [
     "GeneratorError", "LatentGenerator", "StyleGAN2Generator", "DCGANLatentGenerator", "LDMLatentGenerator",

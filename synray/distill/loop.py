@@ -5,7 +5,7 @@ Each iteration makes two optimiser steps (SynthDistill ``train.py``):
 1. fresh ``z ~ N(0, I)`` -> ``w = map(z)`` -> images -> face crops; the frozen teacher embeds them, the
    student is trained with MSE on the raw embeddings;
 2. resampling: ``w' = w + resampling_coef * (cos(e_s, e_t) + 1) / 2 * n`` with the student embeddings
-   of step 1 taken *before* its update (:func:`synray.training.resample.resample_latents`), then a
+   of step 1 taken *before* its update (:func:`synray.distill.resample.resample_latents`), then a
    second step on images of ``w'``.
 
 Randomness of iteration ``i`` derives from ``(seed, epoch, i)`` for the *global* batch, and rank ``r``
@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,15 +31,19 @@ from torch import Tensor, nn
 from synray.config.base import ConfigError
 from synray.config.distill import DistillConfig
 from synray.distill.generators import GeneratorError, LatentGenerator, build_latent_generator, face_crops
-from synray.distill.teachers import Teacher, load_teacher, model_input, raw_embedding
-from synray.evaluation.roc import SCORES_FILE, save_scores
-from synray.evaluation.roc_plots import publish_roc
+from synray.distill.resample import kd_loss, resample_latents
+from synray.distill.teachers import Teacher, load_teacher
+from synray.evaluation.evaluate import evaluate_bins, find_bins
+from synray.evaluation.verification import accuracy_metrics
+from synray.io import storage
 from synray.jobs import JobContext, Need, Outcome
+from synray.models.checkpoint import load_strict
+from synray.models.export import save_backbone
+from synray.models.inputs import model_input, raw_embedding
 from synray.models.registry import build_backbone
 from synray.seeds import derive
 from synray.training.checkpointing import CheckpointReader
 from synray.training.collective import all_reduce_sum
-from synray.training.resample import kd_loss, resample_latents
 from synray.training.runner import Hooks, fit, guarded_settings
 
 __all__ = ["Distiller", "distill_loop", "check", "needs", "run", "VALIDATION_STREAM", "RESUMABLE"]
@@ -49,7 +52,7 @@ __all__ = ["Distiller", "distill_loop", "check", "needs", "run", "VALIDATION_STR
 RESUMABLE = ("kind", "name", "epochs", "eval", "validation", "scaling", "checkpoint", "output", "tracking", "ray")
 
 VALIDATION_STREAM = 0x7A11D  # keeps validation latents apart from every training draw
-STUDENT_FILE, STATE_FILE, META_FILE, EVAL_FILE = "student.pt", "trainer_state.pt", "meta.json", "eval.json"
+STUDENT_FILE, STATE_FILE, META_FILE = "student.pt", "trainer_state.pt", "meta.json"
 
 
 def _gen(*parts: int) -> torch.Generator:
@@ -145,8 +148,6 @@ class Distiller:
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, directory: str, meta: dict[str, Any]) -> None:
         """Student (a self-describing synray checkpoint), optimiser + scheduler, progress."""
-        from synray.models.export import save_backbone
-
         save_backbone(os.path.join(directory, STUDENT_FILE), self.cfg.student.name, self.student_module,
                       self.cfg.student.kwargs, extra={"distilled_from": str(self.cfg.teacher)})
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
@@ -155,8 +156,6 @@ class Distiller:
             json.dump(meta, fh, indent=2)
 
     def restore(self, reader: CheckpointReader) -> dict[str, Any]:
-        from synray.models.checkpoint import load_strict
-
         blob = reader.load(STUDENT_FILE)
         load_strict(self.student_module, blob["state_dict"], what=f"checkpoint {reader.path}")
         state = reader.load(STATE_FILE)
@@ -213,23 +212,12 @@ def distill_loop(cfg: DistillConfig, hooks: Hooks) -> dict[str, Any]:
             "world_size": hooks.world_size, "resumed_from_epoch": resumed_from,
         }
         results, scores = None, {}
-        if hooks.rank == 0 and cfg.eval.bins and (epoch % cfg.eval.every_epochs == 0 or epoch == cfg.epochs):
-            from synray.evaluation.evaluate import evaluate_bins
-
+        if hooks.rank == 0 and cfg.eval.due(epoch, cfg.epochs):
             results = evaluate_bins(d.student_module, cfg.eval.bins, batch_size=cfg.eval.batch_size, flip=cfg.eval.flip,
                                     scores=scores)
-            for name, res in results.items():
-                metrics[f"val/{name}/accuracy"] = res["accuracy"]
-        with tempfile.TemporaryDirectory() as tmp:
-            if hooks.rank == 0:
-                d.save(tmp, {"epoch": epoch, "step": step, "val_cos_initial": cos_initial, "metrics": metrics})
-                if results:
-                    with open(os.path.join(tmp, EVAL_FILE), "w") as fh:
-                        json.dump(results, fh)
-                if scores:  # pair distances: the final ROC curves
-                    with open(os.path.join(tmp, SCORES_FILE), "wb") as fh:
-                        fh.write(save_scores(scores))
-            hooks.report(metrics, tmp if hooks.rank == 0 else None)
+            metrics.update(accuracy_metrics(results, "val/"))
+        meta = {"epoch": epoch, "step": step, "val_cos_initial": cos_initial, "metrics": metrics}
+        hooks.report_checkpoint(metrics, lambda folder: d.save(folder, meta), results, scores=scores)
     return metrics
 
 
@@ -239,8 +227,6 @@ def distill_loop(cfg: DistillConfig, hooks: Hooks) -> dict[str, Any]:
 
 def check(cfg: DistillConfig) -> None:
     """Before any Ray work: teacher/student dims, generator files, evaluation sets."""
-    from synray.evaluation.evaluate import find_bins
-
     if cfg.generator.type in ("stylegan2", "ldm") and not os.path.exists(cfg.generator.path):
         raise GeneratorError(f"generator.path: file not found: {cfg.generator.path}")
     if cfg.generator.type == "ldm" and not os.path.exists(cfg.generator.vq_decoder):
@@ -265,21 +251,15 @@ def needs(cfg: DistillConfig) -> list[Need]:
 
 def run(cfg: DistillConfig, ctx: JobContext) -> Outcome:
     """Distil as configured on Ray Train; re-running with the same ``output.uri`` and ``name`` resumes."""
-    from synray.io import storage
-
     run_uri = storage.join(cfg.output.uri, cfg.name)
     result = fit(distill_loop, cfg, name=cfg.name, output_uri=cfg.output.uri, scaling=cfg.scaling,
                  checkpoint=cfg.checkpoint, callbacks=ctx.callbacks, tracker=ctx.tracker, job="distill",
                  quiet=ctx.quiet, settings=guarded_settings(cfg, RESUMABLE))
     outcome = Outcome("distill", run_uri, result.metrics, checkpoint_uri=result.checkpoint_uri)
+    result.publish_evaluation(outcome, storage.join(run_uri, "final"), ctx.tracker, cfg.name)
     reader = result.checkpoint
     if reader is not None:
         outcome.model_uri = storage.join(run_uri, "final", STUDENT_FILE)
         storage.write_bytes_atomic(outcome.model_uri, reader.read_bytes(STUDENT_FILE))
-        if EVAL_FILE in reader.names():
-            outcome.set_verification(json.loads(reader.read_bytes(EVAL_FILE)), ctx.tracker)
-        if SCORES_FILE in reader.names():
-            outcome.extra.update(publish_roc(reader.read_bytes(SCORES_FILE), storage.join(run_uri, "final"), ctx.tracker,
-                                             cfg.name))
     outcome.write_summary(storage.join(run_uri, "final", "summary.json"))
     return outcome

@@ -21,6 +21,7 @@ import numpy as np
 
 from synray.errors import UserError
 from synray.io.images import ImageDecodeError, decode_image, encode_image
+from synray.models.inputs import fit_image
 
 
 class BinSetError(UserError, ValueError):
@@ -184,7 +185,7 @@ def read_bin(path: str | os.PathLike, image_size: tuple[int, int] | None = (112,
             im = decode_image(b.tobytes() if isinstance(b, np.ndarray) else bytes(b), f"{path} image {i}")
         except ImageDecodeError as exc:
             raise BinSetError(str(exc)) from exc
-        if image_size is not None and im.shape[:2] != tuple(image_size):
-            im = cv2.resize(im, (image_size[1], image_size[0]), interpolation=cv2.INTER_LINEAR)
+        if image_size is not None:
+            im = fit_image(im, image_size, shrink=cv2.INTER_LINEAR)  # insightface's load_bin: bilinear
         out.append(im)
     return np.stack(out), np.asarray(issame, dtype=bool)

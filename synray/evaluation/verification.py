@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = [
-    "l2_normalize", "fuse_flip", "kfold", "calculate_accuracy", "calculate_roc", "calculate_val",
+    "accuracy_metrics", "l2_normalize", "fuse_flip", "kfold", "calculate_accuracy", "calculate_roc", "calculate_val",
     "slinear_interp", "evaluate", "VerificationResult", "RocResult", "synface_cosine", "synface_accuracy",
     "ACC_THRESHOLDS", "VAL_THRESHOLDS",
 ]
@@ -39,6 +39,11 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     norms = np.sqrt(np.einsum("ij,ij->i", x, x))
     norms[norms == 0.0] = 1.0
     return x / norms[:, None]
+
+
+def accuracy_metrics(results: dict[str, dict[str, float]], prefix: str) -> dict[str, float]:
+    """``{prefix}<set>/accuracy`` of every set of a verification table (``average`` included), for MLflow."""
+    return {f"{prefix}{name}/accuracy": r["accuracy"] for name, r in results.items()}
 
 
 def fuse_flip(embeddings: np.ndarray, flipped: np.ndarray | None = None) -> np.ndarray:

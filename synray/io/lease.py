@@ -122,7 +122,7 @@ class OutputLease:
     def _acquire_s3(self) -> None:
         from botocore.exceptions import ClientError
 
-        self._client = client = storage._s3_client()
+        self._client = client = storage.s3_client()
         bucket, key = self._key()
         for _ in range(3):
             try:

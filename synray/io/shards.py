@@ -12,6 +12,9 @@ A shard that exists is complete (atomic write), so a re-run skips it; anything e
 data is reported, never silently read. The previous layout (shards, ``manifest.json`` and
 ``config.yaml`` side by side at the root) is still read. :func:`open_dataset` is the one entry for
 readers: it refuses a dataset that is not complete unless told otherwise.
+
+The shard files and the dataset rules built on them (names, footers, manifest, completeness) are one
+module because they are one contract: writers and readers have to change together.
 """
 
 from __future__ import annotations

@@ -70,8 +70,9 @@ def _s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
-def _s3_client():
-    import boto3  # boto3 reads AWS_ENDPOINT_URL, credentials and region from the standard environment
+def s3_client():
+    """A boto3 S3 client on the AWS default chain (endpoint, credentials and region from the environment)."""
+    import boto3
 
     return boto3.client("s3")
 
@@ -150,7 +151,7 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
             # A single PUT: S3 makes the object visible only when the whole body has arrived, so a
             # writer killed (or failing) mid-upload leaves nothing behind.
             bucket, _, key = loc.path.partition("/")
-            _s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data)
             return
         parent = os.path.dirname(loc.path)
         os.makedirs(parent, exist_ok=True)

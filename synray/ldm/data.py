@@ -18,6 +18,9 @@ import pyarrow.fs as pafs
 from synray.config.ldm import LDMConfig
 from synray.errors import UserError
 from synray.io import storage
+from synray.io.images import decode_image
+from synray.io.shards import ShardError, open_dataset, read_shard
+from synray.models.inputs import fit_image
 
 __all__ = ["LDMDataError", "ImageItems", "list_images", "load_images", "load_context_file"]
 
@@ -67,8 +70,6 @@ def list_images(cfg: LDMConfig) -> ImageItems:
             ids += [k] * len(files)
         identities = np.asarray(ids, np.int64)
     else:
-        from synray.io.shards import ShardError, open_dataset, read_shard
-
         try:
             dataset = open_dataset(d.path, allow_incomplete=d.allow_incomplete)
         except (ShardError, OSError) as exc:
@@ -87,20 +88,8 @@ def list_images(cfg: LDMConfig) -> ImageItems:
     return ImageItems(d.source, d.path if d.source == "folders" else root, names, identities)
 
 
-def _resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    import cv2
-
-    h, w = size
-    if img.shape[:2] == (h, w):
-        return img
-    interp = cv2.INTER_AREA if img.shape[0] > h else cv2.INTER_LINEAR
-    return cv2.resize(img, (w, h), interpolation=interp)
-
-
 def load_images(items: ImageItems, indices: np.ndarray | list[int], size: tuple[int, int]) -> np.ndarray:
     """uint8 RGB [n, H, W, 3] of the given items, resized to ``size`` (the references' ``Resize``)."""
-    from synray.io.images import decode_image
-
     out = np.empty((len(indices), size[0], size[1], 3), np.uint8)
     tables: dict[str, pa.Table] = {}
     for k, i in enumerate(indices):
@@ -109,13 +98,11 @@ def load_images(items: ImageItems, indices: np.ndarray | list[int], size: tuple[
             uri = storage.join(items.root, *name.split("/"))
             img = decode_image(storage.read_bytes(uri), uri)
         else:
-            from synray.io.shards import read_shard
-
             shard, row = name.split("#")
             if shard not in tables:
                 tables = {shard: read_shard(storage.join(items.root, shard)).select(["image"])}
             img = decode_image(tables[shard].column("image")[int(row)].as_py(), name)
-        out[k] = _resize(img, size)
+        out[k] = fit_image(img, size)
     return out
 
 

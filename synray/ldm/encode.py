@@ -19,13 +19,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 import torch
 
 from synray.config.base import config_hash
 from synray.config.ldm import LDMConfig
 from synray.io import storage
+from synray.io.shards import shard_name
 from synray.ldm.data import ImageItems, LDMDataError, list_images, load_context_file, load_images
 from synray.ldm.first_stage import ENCODER_FILE, load_stage, prepare_first_stage, to_unit
+from synray.models.export import load_any_backbone
+from synray.models.inputs import embed_faces
 
 __all__ = ["LATENT_SCHEMA_VERSION", "LatentsInfo", "encode_unit", "run_bounded", "prepare_latents"]
 
@@ -62,16 +66,12 @@ def encode_unit(unit: int, indices: list[int], items: ImageItems, first_stage: s
                 image_size: tuple[int, int], embedder: str | None, contexts: np.ndarray | None,
                 out_uri: str, device: str = "cpu", batch_size: int = 64) -> dict[str, Any]:
     """Encode one unit of images into ``<out_uri>/part-<unit>.parquet`` (skipped if it exists)."""
-    from synray.io.shards import shard_name
-
     uri = storage.join(out_uri, shard_name(unit))
     if storage.exists(uri):
         return {"unit": unit, "skipped": True}
     enc = load_stage(first_stage, ENCODER_FILE, vq_dict, device)
     model = None
     if embedder is not None:
-        from synray.models.export import load_any_backbone
-
         model = load_any_backbone(embedder).eval().to(device)
     lat, lat_f, ctx = [], [], []
     for start in range(0, len(indices), batch_size):
@@ -82,8 +82,6 @@ def encode_unit(unit: int, indices: list[int], items: ImageItems, first_stage: s
             lat.append(enc.encode(x).cpu())
             lat_f.append(enc.encode(x.flip(3)).cpu())
         if model is not None:
-            from synray.evaluation.evaluate import embed_faces
-
             ctx.append(np.asarray(embed_faces(model, images, flip=False), np.float32))
     z, zf = torch.cat(lat).to(torch.float16).numpy(), torch.cat(lat_f).to(torch.float16).numpy()
     c = np.concatenate(ctx) if model is not None else np.asarray(contexts, np.float32)
@@ -109,8 +107,6 @@ def run_bounded(submit: Callable[[Any], Any], items: Iterable[Any], max_in_fligh
 
     Results come in completion order; the first task error is raised (after Ray's own retries).
     """
-    import ray
-
     results, pending = [], []
     for item in items:
         if len(pending) >= max_in_flight:
@@ -126,8 +122,6 @@ def prepare_latents(cfg: LDMConfig, run_uri: str | None = None, use_ray: bool | 
     With Ray running (or ``use_ray``) units are Ray tasks (``encode.num_cpus``/``num_gpus``, at most
     ``encode.max_in_flight`` at a time), else a loop.
     """
-    from synray.io.shards import shard_name
-
     run_uri = run_uri or storage.join(cfg.output.uri, cfg.name)
     out = storage.join(run_uri, "latents")
     meta_uri = storage.join(out, "latents.json")
@@ -148,9 +142,6 @@ def prepare_latents(cfg: LDMConfig, run_uri: str | None = None, use_ray: bool | 
     todo = [k for k in sorted(units) if not storage.exists(storage.join(out, shard_name(k)))]
     args = dict(items=items, first_stage=first_stage, vq_dict=vq_dict, image_size=size, embedder=embedder,
                 out_uri=out, batch_size=cfg.contexts.batch_size)
-
-    import ray
-
     if use_ray is None:
         use_ray = ray.is_initialized()
     if use_ray:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from synray.config.ldm import LDMConfig
 from synray.io import storage
 from synray.ldm.data import ImageItems, LDMDataError, load_images
+from synray.models.ldm_checkpoint import load_vq_decoder, load_vq_encoder
 from synray.models.vq import VQConfig, VQDecoder, VQEncoder
 
 __all__ = ["ENCODER_FILE", "DECODER_FILE", "VQ_CONFIG_FILE", "to_unit", "fit_first_stage", "prepare_first_stage",
@@ -91,8 +92,6 @@ def prepare_first_stage(cfg: LDMConfig, run_uri: str, items: ImageItems) -> tupl
 
     Existing files are reused, so a re-run never refits.
     """
-    from synray.models.ldm_checkpoint import load_vq_decoder, load_vq_encoder
-
     out = storage.join(run_uri, "first_stage")
     vq_cfg = cfg.vq.vq_config()
     vq_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(vq_cfg).items()}
@@ -126,8 +125,6 @@ def prepare_first_stage(cfg: LDMConfig, run_uri: str, items: ImageItems) -> tupl
 
 def load_stage(first_stage_uri: str, name: str, vq_dict: dict, device: str | torch.device = "cpu") -> nn.Module:
     """The stored encoder (``ENCODER_FILE``) or decoder (``DECODER_FILE``) of ``<run>/first_stage``, loaded strictly."""
-    from synray.models.ldm_checkpoint import load_vq_decoder, load_vq_encoder
-
     vq_cfg = VQConfig.from_dict(vq_dict)
     loader = load_vq_encoder if name == ENCODER_FILE else load_vq_decoder
     with tempfile.TemporaryDirectory() as d:

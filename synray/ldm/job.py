@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import ray.data
+
 from synray.config.ldm import LDMConfig
 from synray.io import storage
 from synray.jobs import JobContext, Need, Outcome
@@ -48,8 +50,6 @@ def needs(cfg: LDMConfig) -> list[Need]:
 
 def run(cfg: LDMConfig, ctx: JobContext) -> Outcome:
     """Encode (resumable), then train on Ray Train; re-running with the same output and name resumes."""
-    import ray.data
-
     tracker = ctx.tracker
     run_uri = storage.join(cfg.output.uri, cfg.name)
     info = prepare_latents(cfg, run_uri)

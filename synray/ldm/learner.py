@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -26,14 +25,20 @@ import torch
 from torch import nn
 
 from synray.config.ldm import LDMConfig
+from synray.diffusion.schedule import linear_schedule
+from synray.diffusion.training import EMA, reference_optimizer, training_step
 from synray.io import storage
 from synray.ldm.data import LDMDataError
 from synray.ldm.encode import LatentsInfo
 from synray.ldm.first_stage import DECODER_FILE, ENCODER_FILE, VQ_CONFIG_FILE
+from synray.models.checkpoint import load_strict
+from synray.models.ldm_checkpoint import normalize_unet_state, save_unet_checkpoint
+from synray.models.precision import (maybe_compile, needs_loss_scaling, resolve_precision, to_channels_last,
+                                     use_channels_last)
 from synray.models.unet import ConditionalUNet, UNetConfig
 from synray.seeds import derive
 from synray.training.checkpointing import CheckpointReader
-from synray.training.collective import all_have, all_reduce_sum
+from synray.training.collective import all_reduce_sum, synced_next
 from synray.training.runner import Hooks
 
 __all__ = ["MODEL_FILE", "EMA_FILE", "OPT_FILE", "META_FILE", "unet_config", "LDMLearner", "decode_batch",
@@ -60,11 +65,6 @@ class LDMLearner:
 
     def __init__(self, cfg: LDMConfig, info: LatentsInfo, rank: int = 0, world_size: int = 1,
                  device: str | torch.device = "cpu", wrap: Callable[[nn.Module], nn.Module] | None = None) -> None:
-        from synray.diffusion.schedule import linear_schedule
-        from synray.diffusion.training import EMA, reference_optimizer
-        from synray.models.precision import (maybe_compile, needs_loss_scaling, resolve_precision, to_channels_last,
-                                             use_channels_last)
-
         self.cfg, self.info, self.rank, self.world_size = cfg, info, rank, world_size
         self.device = torch.device(device)
         self.unet_config = unet_config(cfg, info.context_dim)
@@ -85,8 +85,6 @@ class LDMLearner:
         self.step_count = 0
 
     def step(self, batch: dict[str, Any]) -> float:
-        from synray.diffusion.training import training_step
-
         lat, lat_f, ctx = decode_batch(batch, self.info)
         gen = torch.Generator().manual_seed(derive(self.cfg.seed, self.step_count, self.rank))
         # CPD / uncond masks come from torch's global RNG inside the UNet: one stream per (step, rank),
@@ -108,9 +106,6 @@ class LDMLearner:
 
     def save(self, directory: str, meta: dict[str, Any]) -> None:
         """The published layout (``model.ckpt``, ``ema_averaged_model.ckpt``) + optimiser state + first stage."""
-        from synray.diffusion.schedule import linear_schedule
-        from synray.models.ldm_checkpoint import save_unet_checkpoint
-
         save_unet_checkpoint(self.module, os.path.join(directory, MODEL_FILE), linear_schedule())
         save_unet_checkpoint(self.ema.averaged_model, os.path.join(directory, EMA_FILE), linear_schedule())
         torch.save({"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.scheduler.state_dict(),
@@ -126,9 +121,6 @@ class LDMLearner:
                        "context_dim": self.info.context_dim}, fh, indent=2)
 
     def restore(self, reader: CheckpointReader) -> dict[str, Any]:
-        from synray.models.checkpoint import load_strict
-        from synray.models.ldm_checkpoint import normalize_unet_state
-
         for name, module in ((MODEL_FILE, self.module), (EMA_FILE, self.ema.averaged_model)):
             load_strict(module, normalize_unet_state(reader.load(name)), what=f"checkpoint {reader.path}/{name}")
         opt = reader.load(OPT_FILE)
@@ -211,8 +203,8 @@ def ldm_loop(cfg: LDMConfig, hooks: Hooks, latents: dict[str, Any],
     metrics: dict[str, Any] = {}
     it, got = iter(batches(passes)), False
     while learner.step_count < t.steps:
-        batch = next(it, None)
-        if not all_have(batch is not None, learner.device, hooks.world_size):
+        batch = synced_next(it, learner.device, hooks.world_size)
+        if batch is None:
             if not got:
                 raise LDMDataError(f"{info.uri}: a pass over {info.rows} rows gives no batch of "
                                    f"{t.batch_size // hooks.world_size} per worker; lower training.batch_size")
@@ -237,8 +229,6 @@ def ldm_loop(cfg: LDMConfig, hooks: Hooks, latents: dict[str, Any],
             loss_sum, n, t0 = 0.0, 0, time.time()
             if ckpt and hooks.rank == 0 and score is not None:
                 metrics.update(score(learner))
-            with tempfile.TemporaryDirectory() as tmp:
-                if ckpt and hooks.rank == 0:
-                    learner.save(tmp, {"metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
-                hooks.report(metrics, tmp if ckpt and hooks.rank == 0 else None)
+            meta = {"metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+            hooks.report_checkpoint(metrics, (lambda folder: learner.save(folder, meta)) if ckpt else None)
     return metrics

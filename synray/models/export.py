@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from synray.models.checkpoint import CheckpointError, load_strict
-from synray.models.registry import build_backbone
+from synray.models.registry import build_backbone, list_backbones, load_backbone
 
 FORMAT = 1
 
@@ -61,8 +61,6 @@ def load_exported_backbone(path: str | os.PathLike) -> nn.Module:
 
 def load_any_backbone(spec: str) -> nn.Module:
     """``"<registry name>:<published checkpoint>"`` or the path of a synray checkpoint."""
-    from synray.models.registry import list_backbones, load_backbone
-
     name, sep, path = spec.partition(":")
     if sep and name in list_backbones():
         return load_backbone(name, path)

@@ -21,6 +21,9 @@ differences change training, not just rounding:
   ``eps=1e-4`` the cosine is clamped to ±(1−eps) and θ+m to [eps, π−eps] as in AdaFace's repo).
 
 Labels of ``-1`` mark rows without a target class (PartialFC shards); they get no margin.
+
+All heads stay in one module: they share :class:`MarginHead` (centres, layouts, cosine), the label
+conventions and the one registry :data:`HEADS` that configs name them by.
 """
 
 from __future__ import annotations
@@ -305,6 +308,13 @@ class _Elastic(MarginHead):
                 margins = margins[order]
         return margins
 
+    def margin_grid(self, cos: Tensor, labels: Tensor, margins: Tensor | None) -> Tensor:
+        """[B, C] zeros with each labelled row's margin at its target class."""
+        rows, cols = _targets(labels)
+        m_hot = torch.zeros_like(cos)
+        m_hot[rows, cols] = self.margins(cos, rows, cols, margins).view(-1)
+        return m_hot
+
 
 class ElasticArcFace(_Elastic):
     """ElasticFace-Arc(+): target angle θ_y + m_i, differentiable, no ``th``/``mm`` fallback."""
@@ -316,10 +326,7 @@ class ElasticArcFace(_Elastic):
     def forward(self, embeddings: Tensor, labels: Tensor, margins: Tensor | None = None) -> Tensor:
         self.check(embeddings, labels)
         cos = self.cosine(embeddings)
-        rows, cols = _targets(labels)
-        m_hot = torch.zeros_like(cos)
-        m_hot[rows, cols] = self.margins(cos, rows, cols, margins).view(-1)
-        return (cos.acos() + m_hot).cos() * self.s
+        return (cos.acos() + self.margin_grid(cos, labels, margins)).cos() * self.s
 
 
 class ElasticCosFace(_Elastic):
@@ -332,10 +339,15 @@ class ElasticCosFace(_Elastic):
     def forward(self, embeddings: Tensor, labels: Tensor, margins: Tensor | None = None) -> Tensor:
         self.check(embeddings, labels)
         cos = self.cosine(embeddings)
-        rows, cols = _targets(labels)
-        m_hot = torch.zeros_like(cos)
-        m_hot[rows, cols] = self.margins(cos, rows, cols, margins).view(-1)
-        return (cos - m_hot) * self.s
+        return (cos - self.margin_grid(cos, labels, margins)) * self.s
+
+
+def _xavier_cxd(kernel: Tensor) -> None:
+    """SynFace's init of its [C, D] ``weight`` (xavier-uniform), into our [D, C] ``kernel``."""
+    with torch.no_grad():
+        w = torch.empty(kernel.shape[1], kernel.shape[0])
+        nn.init.xavier_uniform_(w)
+        kernel.copy_(w.t())
 
 
 class SynFaceArcMargin(MarginHead):
@@ -346,10 +358,7 @@ class SynFaceArcMargin(MarginHead):
 
     def __init__(self, embedding_size: int, num_classes: int, s: float = 30.0, m: float = 0.5, easy_margin: bool = False) -> None:
         super().__init__(embedding_size, num_classes, s, m, "CxD")
-        with torch.no_grad():
-            w = torch.empty(num_classes, embedding_size)
-            nn.init.xavier_uniform_(w)
-            self.kernel.copy_(w.t())
+        _xavier_cxd(self.kernel)
         self.easy_margin = bool(easy_margin)
         self.cos_m, self.sin_m = math.cos(m), math.sin(m)
         self.th = math.cos(math.pi - m)
@@ -370,10 +379,7 @@ class SynFaceCosMargin(MarginHead):
 
     def __init__(self, embedding_size: int, num_classes: int, s: float = 30.0, m: float = 0.4) -> None:
         super().__init__(embedding_size, num_classes, s, m, "CxD")
-        with torch.no_grad():
-            w = torch.empty(num_classes, embedding_size)
-            nn.init.xavier_uniform_(w)
-            self.kernel.copy_(w.t())
+        _xavier_cxd(self.kernel)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         self.check(embeddings, labels)

@@ -3,7 +3,7 @@
 Every backbone built here exposes ``input_size`` (H, W), ``embedding_dim``, ``channel_order``
 (``"RGB"``, or ``"BGR"`` for AdaFace weights), ``pixel_mean``/``pixel_std`` on the 0..255 scale and
 ``returns_norm`` (AdaFace's forward returns ``(x/|x|, |x|)`` instead of the raw embedding);
-:func:`normalize_images` turns 0..255 RGB batches into what a given backbone expects.
+:mod:`synray.models.inputs` brings images to what a given backbone expects.
 
 :func:`load_backbone` reads a checkpoint with ``weights_only=True``, unwraps the known containers
 (insightface resume ``state_dict_backbone``, Lightning/SynFace ``state_dict``), keeps only the
@@ -153,16 +153,6 @@ def load_backbone(
     return model.eval()
 
 
-def normalize_images(model: nn.Module, images: Tensor) -> Tensor:
-    """0..255 RGB batch (uint8 or float, (N, 3, H, W)) -> the normalised input ``model`` expects."""
-    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected an (N, 3, H, W) RGB batch, got {tuple(getattr(images, 'shape', ()))}")
-    x = images.float() if not images.is_floating_point() else images
-    if getattr(model, "channel_order", "RGB") == "BGR":
-        x = x.flip(1)
-    return (x - getattr(model, "pixel_mean", 127.5)) / getattr(model, "pixel_std", 127.5)
-
-
 __all__ = [
     "BACKBONES",
     "BackboneInfo",
@@ -172,5 +162,4 @@ __all__ = [
     "build_backbone",
     "list_backbones",
     "load_backbone",
-    "normalize_images",
 ]

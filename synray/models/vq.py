@@ -11,16 +11,16 @@ quantisation (nearest codebook entry by squared L2).
 from __future__ import annotations
 
 import dataclasses
-import re
-from contextlib import nullcontext
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import TypeAdapter, ValidationError
 from torch import nn
+
+from synray.config.base import build_dataclass
 
 __all__ = ["VQConfig", "VQEncoder", "VQDecoder"]
 
@@ -70,23 +70,7 @@ class VQConfig:
         """From a config or JSON mapping of field names (lists stand for tuples), as configs and
         ``vq_config.json`` hold it. A bad entry is a ``ValueError`` naming its dotted key under ``key``
         (``vq.config.ch_mult.0: ...``)."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError("; ".join(f"{key}.{k}: unknown key (valid: {', '.join(known)})" for k in unknown))
-        try:
-            return TypeAdapter(cls).validate_python(dict(values))
-        except ValidationError as err:
-            problems = []
-            for e in err.errors():
-                field, msg = ".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, ")
-                named = re.match(r"VQConfig\.(\w+) ", msg)  # __post_init__ names the field it rejects
-                if field:
-                    msg += f" (got {e['input']!r})"
-                elif named:
-                    field, msg = named.group(1), msg[named.end():]
-                problems.append(f"{key}.{field}: {msg}" if field else f"{key}: {msg}")
-            raise ValueError("; ".join(problems)) from None
+        return build_dataclass(cls, values, key)
 
     @classmethod
     def from_reference(cls, cfg: Mapping[str, Any]) -> VQConfig:

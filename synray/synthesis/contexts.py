@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from synray.errors import UserError
 from synray.seeds import CONTEXT, PARTNER, rng
@@ -90,8 +91,6 @@ def load_embeddings(path: str) -> np.ndarray:
         if path.endswith(".npy"):
             arr = np.load(path, allow_pickle=False)
         elif path.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
             table = pq.read_table(path)
             if table.num_columns == 1:
                 arr = np.stack(table.column(0).to_numpy(zero_copy_only=False))

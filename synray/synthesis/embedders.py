@@ -10,19 +10,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from synray.models.export import load_any_backbone
+from synray.models.inputs import embed_faces
+
 
 class Embedder:
     def __init__(self, spec: str, device: str = "cpu", batch_size: int = 64):
-        from synray.models.export import load_any_backbone
-
         self.model = load_any_backbone(spec).eval().to(device)
         self.spec, self.batch_size = spec, batch_size
 
     @torch.no_grad()
     def embed(self, images: np.ndarray) -> np.ndarray:
         """L2-normalised, flip-fused embeddings ``[N, D]`` of uint8 RGB images ``[N, H, W, 3]``."""
-        from synray.evaluation.evaluate import embed_faces
-
         if len(images) == 0:
             return np.zeros((0, 1), np.float32)
         # e.g. 112x112 context faces into a 32x32 world teacher

@@ -10,131 +10,33 @@ unreadable ones, and refuses shards of another config. The manifest, the dataset
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import importlib.util
-import json
 import logging
 import math
 import os
+import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.fs as pafs
 
 from synray.config import ConfigError, to_yaml
 from synray.config.synth import SynthConfig
 from synray.errors import UserError
 from synray.io import shards, storage
 from synray.io.lease import OutputLease, acquire_lease
-from synray.jobs import JobContext, Need, Outcome
-from synray.progress import JobProgress
-from synray.synthesis import contexts as C
-from synray.synthesis.card import dataset_card
 from synray.io.sources import open_source
+from synray.jobs import JobContext, Need, Outcome
 from synray.plots import dataset_grid, encode_png
+from synray.progress import JobProgress
+from synray.runtime import is_quiet
+from synray.synthesis.card import dataset_card
+from synray.synthesis.fingerprint import content_hash, file_digest, input_files
 from synray.synthesis.stages import AlignStage, ContextFaceStage, FinishStage, GenerateStage, WriteStage
+from synray.synthesis.units import (CONTEXT_FACE_SAMPLE, base_task, context_faces, needs_base, rows_batch,  # noqa: F401
+                                    unit_identities, unit_range, unit_row, unit_rows, units_of)
 
 log = logging.getLogger(__name__)
-
-#: fields that change how fast a dataset is made, never what it contains
-NON_CONTENT = {"name": True, "output": True, "tracking": True, "ray": True, "local": True,
-               "generator": {"batch_size", "num_gpus", "num_cpus", "min_actors", "max_actors", "precision",
-                             "channels_last", "compile"},
-               "alignment": {"num_cpus"}}
-CONTEXT_FACE_SAMPLE = 10**6  # world sample index reserved for an identity's context face
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-_DIGESTS: dict[tuple[str, int, int | None], str] = {}
-
-
-def _embedder_file(spec: str) -> tuple[str, str]:
-    """``(kept prefix, file)`` of an embedder spec ``"<registry name>:<checkpoint>"`` or ``"<checkpoint>"``."""
-    from synray.models.registry import list_backbones
-
-    name, sep, path = spec.partition(":")
-    if sep and name in list_backbones():
-        return f"{name}:", path
-    return "", spec
-
-
-def input_files(cfg: SynthConfig) -> dict[str, tuple[str, str]]:
-    """``{dotted key: (kept prefix, file or folder)}`` of every input whose bytes shape the dataset."""
-    g, c = cfg.generator, cfg.contexts
-    files: dict[str, tuple[str, str]] = {}
-    if g.type == "ldm":
-        files["generator.unet"] = ("", g.unet)
-        files["generator.vq_decoder"] = ("", g.vq_decoder)
-    if g.type == "dcgan" and importlib.util.find_spec("gan_face_generate") is not None:
-        import importlib.resources as ir
-
-        files["generator.weights"] = ("", str(ir.files("gan_face_generate") / "weights.tar"))
-    if c.path and c.source in ("embeddings_file", "face_embeddings"):
-        files["contexts.path"] = ("", c.path)
-    if c.embedder and c.source == "face_embeddings":
-        files["contexts.embedder"] = _embedder_file(c.embedder)
-    if cfg.quality.embedder:
-        files["quality.embedder"] = _embedder_file(cfg.quality.embedder)
-    return files
-
-
-def file_digest(uri: str, key: str = "input") -> str:
-    """``sha256:<hex>`` of a file's bytes (streamed), or of a folder's image files and their names.
-
-    Cached per (file, size, modification time), so a repeated check in one process reads nothing.
-    """
-    loc = storage.resolve(uri)
-    try:
-        info = loc.fs.get_file_info(loc.path)
-    except Exception as exc:
-        raise storage.StorageError(f"{key}: cannot reach {uri}: {exc}") from exc
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"{key}: {uri} does not exist")
-    if info.type == pafs.FileType.Directory:
-        h = hashlib.sha256()
-        entries = loc.fs.get_file_info(pafs.FileSelector(loc.path))
-        for e in sorted((e for e in entries if e.type == pafs.FileType.File and e.path.lower().endswith(IMAGE_EXTENSIONS)),
-                        key=lambda e: e.path):
-            name = e.path.rsplit("/", 1)[-1]
-            h.update(f"{name}\0{file_digest(storage.join(uri, name), key)}\n".encode())
-        return f"sha256:{h.hexdigest()}"
-    cache_key = (loc.uri, info.size, info.mtime_ns)
-    if cache_key not in _DIGESTS:
-        h = hashlib.sha256()
-        with loc.fs.open_input_stream(loc.path) as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
-        _DIGESTS[cache_key] = f"sha256:{h.hexdigest()}"
-    return _DIGESTS[cache_key]
-
-
-def content_hash(cfg: SynthConfig) -> str:
-    """Hash of what determines the dataset: the content settings, and the bytes (not paths) of every input file."""
-    data = cfg.model_dump(mode="json", exclude=NON_CONTENT)
-    for key, (prefix, uri) in input_files(cfg).items():
-        section, name = key.split(".")
-        data[section][name] = prefix + file_digest(uri, key)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def unit_range(cfg: SynthConfig) -> range:
-    """The fixed work units' numbers: unit u holds identities ``u*size .. (u+1)*size - 1`` within the run's range."""
-    size, start, count = cfg.identities.unit_size, cfg.identities.start, cfg.identities.count
-    return range(start // size, start // size + (count + size - 1) // size)
-
-
-def unit_identities(cfg: SynthConfig, unit: int) -> np.ndarray:
-    """The identities of work unit ``unit`` (the last unit may be short)."""
-    size, end = cfg.identities.unit_size, cfg.identities.start + cfg.identities.count
-    return np.arange(unit * size, min((unit + 1) * size, end), dtype=np.int64)
-
-
-def units_of(cfg: SynthConfig) -> dict[int, np.ndarray]:
-    """Every unit's identities (a dict over the whole run: for small runs and tests; jobs use :func:`unit_range`)."""
-    return {u: unit_identities(cfg, u) for u in unit_range(cfg)}
-
 
 def check_config(cfg: SynthConfig) -> None:
     """Cross-section checks a schema cannot express; raises ValueError naming the keys."""
@@ -154,102 +56,6 @@ def check_config(cfg: SynthConfig) -> None:
     for key, (_, path) in input_files(cfg).items():
         if not storage.exists(path):
             raise ValueError(f"{key}: {path} does not exist")
-
-
-def all_identities(cfg: SynthConfig) -> np.ndarray:
-    return np.arange(cfg.identities.start, cfg.identities.start + cfg.identities.count, dtype=np.int64)
-
-
-def needs_base(cfg: SynthConfig) -> bool:
-    """Whether a unit's contexts depend on other identities' (a file's table, separation, mixup partners)."""
-    c = cfg.contexts
-    return c.source in ("embeddings_file", "mixup") or (c.source == "gaussian" and c.separation.max_cosine is not None)
-
-
-def base_contexts(cfg: SynthConfig) -> np.ndarray:
-    """The unmixed contexts of every identity of the run, for the sources of :func:`needs_base`."""
-    c, all_ids = cfg.contexts, all_identities(cfg)
-    if c.source == "embeddings_file":
-        return C.from_table(C.load_embeddings(c.path), all_ids, c.dim, c.path)
-    if c.separation.max_cosine is not None:
-        return C.separated_gaussian(cfg.seed, all_ids, c.dim, c.separation.max_cosine, c.separation.max_tries)
-    return C.gaussian(cfg.seed, all_ids, c.dim)
-
-
-@functools.lru_cache(maxsize=4)
-def _face_files(folder: str) -> list[str]:
-    """The image files of a context-face folder, sorted (listed once per process: rows are made unit by unit)."""
-    return sorted(f for f in os.listdir(folder) if f.lower().endswith((".png", ".jpg", ".jpeg")))
-
-
-def context_faces(cfg: SynthConfig, ids: np.ndarray) -> np.ndarray:
-    """Context face images: the i-th image of ``contexts.path`` (sorted) or the world's render of i."""
-    size = tuple(cfg.alignment.size)
-    if cfg.contexts.path:
-        from synray.io.images import decode_image
-
-        names = _face_files(cfg.contexts.path)
-        if len(ids) and int(ids.max()) >= len(names):
-            raise C.ContextError(f"contexts.path {cfg.contexts.path} has {len(names)} images; identity {int(ids.max())} requested")
-        faces = []
-        for i in ids:
-            p = os.path.join(cfg.contexts.path, names[int(i)])
-            with open(p, "rb") as fh:
-                faces.append(decode_image(fh.read(), p))
-        from synray.align import resize
-
-        return np.stack([resize(f, size) for f in faces])
-    from synray.world.world import World
-
-    world = World(seed=cfg.seed, num_identities=int(ids.max()) + 1 if len(ids) else 1,
-                  difficulty=cfg.generator.world_difficulty)
-    return np.stack([world.render(int(i), CONTEXT_FACE_SAMPLE) for i in ids])
-
-
-def unit_row(cfg: SynthConfig, unit: int, base: np.ndarray | None = None) -> dict[str, Any]:
-    """One unit's input row: identities, contexts, soft labels (and context faces).
-
-    A pure function of the config and the unit (``base``: :func:`base_contexts`, for the sources that need it),
-    so the rows are made where they are consumed, a unit at a time, and the driver never holds them.
-    """
-    ids = unit_identities(cfg, unit)
-    src = cfg.contexts.source
-    if needs_base(cfg) and base is None:
-        raise ValueError(f"contexts.source {src!r} needs the run's base contexts (base_contexts)")
-    if src == "mixup":
-        mixed = C.mixup(cfg.seed, ids, all_identities(cfg), base, cfg.contexts.mixup.phi)
-        ctx, partner, weight = mixed.vectors, mixed.partner, mixed.weight
-    else:
-        if src == "face_embeddings":
-            ctx = np.zeros((len(ids), cfg.contexts.dim), np.float32)  # filled by ContextFaceStage
-        elif base is not None:
-            ctx = base[ids - cfg.identities.start]
-        else:
-            ctx = C.gaussian(cfg.seed, ids, cfg.contexts.dim)  # per identity: the same rows as over the whole run
-        partner, weight = np.full(len(ids), -1, np.int64), np.ones(len(ids), np.float32)
-    if src != "face_embeddings":  # those are checked where the embedder computes them
-        C.check_rows(ctx, ids, f"contexts ({src})")
-    row = {"unit": np.int64(unit), "ids": ids, "contexts": ctx.astype(np.float32), "partner": partner, "weight": weight}
-    if src == "face_embeddings":
-        row["context_faces"] = context_faces(cfg, ids)
-    return row
-
-
-def unit_rows(cfg: SynthConfig, only: list[int]) -> Iterator[dict[str, Any]]:
-    """The input rows of the units ``only``, one at a time (the base contexts computed once, when needed)."""
-    base = base_contexts(cfg) if needs_base(cfg) else None
-    for u in only:
-        yield unit_row(cfg, u, base)
-
-
-def _rows_batch(batch: dict[str, np.ndarray], cfg: dict, pending: list[int], base: Any = None) -> dict[str, np.ndarray]:
-    """Ray Data: row ``k`` of ``range(len(pending))`` -> the input row of unit ``pending[k]``."""
-    import ray
-
-    (k,) = batch["id"]
-    base_arr = ray.get(base) if base is not None else None
-    row = unit_row(SynthConfig.model_validate(cfg), pending[int(k)], base_arr)
-    return {name: np.asarray(v)[None] for name, v in row.items()}
 
 
 @dataclass
@@ -386,9 +192,7 @@ def _finish(cfg: SynthConfig, prep: Prepared, lease: OutputLease, totals: Totals
         tracker.log_metrics({"dataset_rows": manifest["rows"], "dataset_identities": manifest["identities"]})
         if manifest["quality"]:
             tracker.log_metrics({f"consistency_{k}": v for k, v in manifest["quality"].items()})
-        if totals.units and has_samples:
-            import tempfile
-
+        if totals.units:
             with tempfile.TemporaryDirectory() as d:
                 path = os.path.join(d, "samples.png")
                 with open(path, "wb") as fh:
@@ -435,7 +239,7 @@ def build_dataset(cfg: SynthConfig, pending: list[int], uri: str, meta: dict, ba
     d = _cfg_dict(cfg)
     g = cfg.generator
     ds = ray.data.range(len(pending), override_num_blocks=max(1, len(pending)))
-    ds = ds.map_batches(_rows_batch, fn_kwargs={"cfg": d, "pending": list(pending), "base": base}, batch_size=1,
+    ds = ds.map_batches(rows_batch, fn_kwargs={"cfg": d, "pending": list(pending), "base": base}, batch_size=1,
                         num_cpus=0.25)
     if cfg.contexts.source == "face_embeddings":
         ds = ds.map_batches(ContextFaceStage, fn_constructor_kwargs={"cfg": d}, batch_size=1, num_cpus=0.5,
@@ -460,17 +264,11 @@ def _put_base(cfg: SynthConfig):
     """An object ref to :func:`base_contexts`, computed by a Ray task (the table never enters the driver)."""
     import ray
 
-    return ray.remote(num_cpus=0.25)(_base_task).remote(_cfg_dict(cfg)) if needs_base(cfg) else None
-
-
-def _base_task(cfg: dict) -> np.ndarray:
-    return base_contexts(SynthConfig.model_validate(cfg))
+    return ray.remote(num_cpus=0.25)(base_task).remote(_cfg_dict(cfg)) if needs_base(cfg) else None
 
 
 def run_synthesis(cfg: SynthConfig, tracker=None, progress: bool | None = None) -> dict:
     """Run the pipeline on the current Ray (call :func:`synray.runtime.init_ray` first)."""
-    from synray.runtime import is_quiet
-
     with open_output(cfg) as lease:
         prep = prepare(cfg)
         quiet = is_quiet(cfg.ray) if progress is None else not progress

@@ -4,6 +4,10 @@ A work unit travels as one row: its identities, contexts and, after generation, 
 Ray pipeline maps these callables over units (``batch_size=1``); the plain loop in
 :func:`synray.synthesis.pipeline.run_local` calls the very same objects, which keeps the two backends
 comparable and the stages testable without Ray.
+
+The FR embedders (torch) are imported by the stages that use them, when they are built: every synthesis
+worker imports this module, and the world generator's workers (generate, finish, write) then start
+without loading torch, seconds per process that an actor's start-up would otherwise add to a run.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ from typing import Any
 import cv2
 import numpy as np
 
+from synray.align import resize
 from synray.config.synth import SynthConfig
 from synray.io import shards
-from synray.align import resize
 from synray.io.images import decode_image, encode_image
 from synray.seeds import sample_seed
 from synray.synthesis.contexts import check_rows
+from synray.synthesis.detectors import align_faces, build_detector
+from synray.synthesis.generators import build_generator
 
 Unit = dict[str, np.ndarray]
 
@@ -39,7 +45,7 @@ class ContextFaceStage:
     """ADMIS context-enhanced sampling: contexts are FR embeddings of the unit's context faces."""
 
     def __init__(self, cfg: dict):
-        from synray.synthesis.embedders import Embedder
+        from synray.synthesis.embedders import Embedder  # torch: see the module docstring
 
         self.cfg = SynthConfig.model_validate(cfg)
         self.embedder = Embedder(self.cfg.contexts.embedder)
@@ -58,8 +64,6 @@ class GenerateStage:
     """Loads the generator once (per actor) and renders every image of a unit."""
 
     def __init__(self, cfg: dict):
-        from synray.synthesis.generators import build_generator
-
         self.cfg = SynthConfig.model_validate(cfg)
         self.generator = build_generator(self.cfg)
 
@@ -87,8 +91,6 @@ class AlignStage:
         self.cfg = SynthConfig.model_validate(cfg)
         self.detector = None
         if self.cfg.alignment.mode == "landmarks":
-            from synray.synthesis.detectors import build_detector
-
             self.detector = build_detector(self.cfg.alignment.detector)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -98,8 +100,6 @@ class AlignStage:
         if a.mode == "resize":
             images = resize(images, a.size)
         elif a.mode == "landmarks":
-            from synray.synthesis.detectors import align_faces
-
             images, found = align_faces(self.detector, images, a.size)
             unit["aligned"] = found
         unit["images"] = images
@@ -113,7 +113,7 @@ class FinishStage:
         self.cfg = SynthConfig.model_validate(cfg)
         self.embedder = None
         if self.cfg.quality.embedder:
-            from synray.synthesis.embedders import Embedder
+            from synray.synthesis.embedders import Embedder  # torch: see the module docstring
 
             self.embedder = Embedder(self.cfg.quality.embedder)
 

@@ -7,7 +7,8 @@ One checkpoint directory (Ray Train merges the files every rank reports) holds:
   :func:`synray.models.registry.load_backbone`);
 * ``trainer_state.pt`` (rank 0): backbone optimiser, AMP scaler, the head's replicated buffers;
 * ``centres-<start>-<end>.pt`` (every rank): its slice of the class centres ``kernel`` [D, n] and the
-  optimiser state tensors of that slice (momentum, Adam moments).
+  optimiser state tensors of that slice (momentum, Adam moments);
+* ``eval.json`` (rank 0, any job's checkpoint): the verification table of that epoch, if one was made.
 
 Centre files are named by class range, not rank, so a run resumed on a different number of workers
 assembles each new slice from whichever files overlap it.
@@ -27,109 +28,15 @@ import pyarrow.fs as pafs
 import torch
 from torch import Tensor
 
-__all__ = [
-    "run_storage", "BotoUploadHandler", "CENTRES_RE", "centres_name", "write_rank_files", "CheckpointReader", "assemble_centres", "TrainingMeta",
-]
+from synray.evaluation.roc import SCORES_FILE, save_scores
+
+from synray.io import storage
+
+__all__ = ["CENTRES_RE", "EVAL_FILE", "centres_name", "write_rank_files", "write_verification", "CheckpointReader",
+           "assemble_centres", "TrainingMeta"]
 
 CENTRES_RE = re.compile(r"^centres-(\d+)-(\d+)\.pt$")
-
-
-class _UploadOnClose(io.BytesIO):
-    """A write buffer that becomes one S3 object when closed (visible only once complete)."""
-
-    def __init__(self, bucket: str, key: str) -> None:
-        super().__init__()
-        self.bucket, self.key = bucket, key
-
-    def close(self) -> None:
-        if not self.closed:
-            from synray.io.storage import _s3_client
-
-            data = self.getbuffer()
-            if len(data) < 4 * 2**30:  # one PUT: the object appears only when complete
-                _s3_client().put_object(Bucket=self.bucket, Key=self.key, Body=bytes(data))
-            else:  # beyond a single PUT's limit: boto3's managed multipart upload
-                _s3_client().upload_fileobj(io.BytesIO(bytes(data)), self.bucket, self.key)
-            del data
-        super().close()
-
-
-class BotoUploadHandler(pafs.FileSystemHandler):
-    """S3 for Ray Train's storage: reads and listings through pyarrow, writes as boto3 uploads.
-
-    Every write (checkpoint files, Ray's run-state files) is staged in memory and uploaded when the
-    stream closes, so a reader never sees a partial object. It also keeps S3-compatible servers whose
-    CompleteMultipartUpload replies pyarrow rejects (e.g. moto before 5.2.5) usable for checkpoints.
-    """
-
-    def __init__(self, fs: pafs.FileSystem) -> None:
-        self.fs = fs
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, BotoUploadHandler) and self.fs.equals(other.fs)
-
-    def __reduce__(self):
-        return (BotoUploadHandler, (self.fs,))
-
-    def get_type_name(self) -> str:
-        return "synray-s3"
-
-    def normalize_path(self, path: str) -> str:
-        return self.fs.normalize_path(path)
-
-    def get_file_info(self, paths):
-        return self.fs.get_file_info(paths)
-
-    def get_file_info_selector(self, selector):
-        return self.fs.get_file_info(selector)
-
-    def create_dir(self, path: str, recursive: bool) -> None:
-        self.fs.create_dir(path, recursive=recursive)
-
-    def delete_dir(self, path: str) -> None:
-        self.fs.delete_dir(path)
-
-    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
-        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
-
-    def delete_root_dir_contents(self) -> None:
-        raise OSError("refusing to delete the contents of every bucket")
-
-    def delete_file(self, path: str) -> None:
-        self.fs.delete_file(path)
-
-    def move(self, src: str, dest: str) -> None:
-        self.fs.move(src, dest)
-
-    def copy_file(self, src: str, dest: str) -> None:
-        self.fs.copy_file(src, dest)
-
-    def open_input_stream(self, path: str):
-        return self.fs.open_input_stream(path)
-
-    def open_input_file(self, path: str):
-        return self.fs.open_input_file(path)
-
-    def open_output_stream(self, path: str, metadata=None):
-        import pyarrow as pa
-
-        bucket, _, key = path.lstrip("/").partition("/")
-        if not key:
-            raise OSError(f"cannot write an object at bucket level: {path}")
-        return pa.PythonFile(_UploadOnClose(bucket, key), mode="w")
-
-    def open_append_stream(self, path: str, metadata=None):
-        raise OSError("S3 objects cannot be appended to")
-
-
-def run_storage(uri: str) -> tuple[str, pafs.FileSystem]:
-    """``(path, filesystem)`` for Ray Train's ``RunConfig(storage_path=, storage_filesystem=)``."""
-    from synray.io.storage import is_s3, resolve
-
-    loc = resolve(uri)
-    if is_s3(uri):
-        return loc.path, pafs.PyFileSystem(BotoUploadHandler(loc.fs))
-    return loc.path, loc.fs
+EVAL_FILE = "eval.json"
 
 
 def centres_name(start: int, end: int) -> str:
@@ -180,6 +87,16 @@ def write_rank_files(
             fh.write(meta.to_json())
 
 
+def write_verification(directory: str, results: Mapping[str, Any], scores: Mapping[str, Any] | None = None) -> None:
+    """The verification table of a checkpoint and, if given, its pair distances for ROC curves
+    (:meth:`CheckpointReader.verification` and :meth:`CheckpointReader.scores` read them back)."""
+    with open(os.path.join(directory, EVAL_FILE), "w") as fh:
+        json.dump(results, fh)
+    if scores:
+        with open(os.path.join(directory, SCORES_FILE), "wb") as fh:
+            fh.write(save_scores(scores))
+
+
 class CheckpointReader:
     """Reads single files of a (possibly remote) checkpoint directory without downloading all of it."""
 
@@ -193,9 +110,7 @@ class CheckpointReader:
 
     @classmethod
     def from_uri(cls, uri: str) -> CheckpointReader:
-        from synray.io.storage import resolve
-
-        loc = resolve(uri)
+        loc = storage.resolve(uri)
         return cls(loc.fs, loc.path)
 
     def names(self) -> list[str]:
@@ -208,6 +123,14 @@ class CheckpointReader:
 
     def load(self, name: str) -> Any:
         return torch.load(io.BytesIO(self.read_bytes(name)), map_location="cpu", weights_only=True)
+
+    def verification(self) -> dict[str, dict[str, float]] | None:
+        """The verification table written with this checkpoint, or None."""
+        return json.loads(self.read_bytes(EVAL_FILE)) if EVAL_FILE in self.names() else None
+
+    def scores(self) -> bytes | None:
+        """The pair distances of that verification (an ``.npz``, for ROC curves), or None."""
+        return self.read_bytes(SCORES_FILE) if SCORES_FILE in self.names() else None
 
     def meta(self) -> TrainingMeta:
         try:

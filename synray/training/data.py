@@ -25,6 +25,7 @@ from synray.io import storage
 from synray.io.images import ImageDecodeError, decode_image
 from synray.io.shards import IncompleteDatasetError, open_dataset, read_dataset, read_shard
 from synray.io.sources import ImageSource, SourceError, is_foreign, open_source
+from synray.models.inputs import fit_image
 
 __all__ = [
     "DatasetInfo", "dataset_info", "labels_for", "rrc_params", "random_resized_crop", "augment_image",
@@ -140,13 +141,6 @@ def augment_image(
     return img
 
 
-def _fit(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if img.shape[:2] == tuple(size):
-        return img
-    interp = cv2.INTER_AREA if img.shape[0] > size[0] else cv2.INTER_LINEAR
-    return cv2.resize(img, (size[1], size[0]), interpolation=interp)
-
-
 def decode_augment(
     batch: Mapping[str, np.ndarray],
     *,
@@ -175,7 +169,7 @@ def decode_augment(
             img = decode_image(bytes(images[k]), "a shard row")
         except ImageDecodeError:
             raise ImageDecodeError(f"corrupt or unsupported image data in {_where(batch, k, s3)}") from None
-        img = _fit(img, image_size)
+        img = fit_image(img, image_size)
         if augment:
             img = augment_image(img, rng, **augment)
         out[k] = np.ascontiguousarray(img).transpose(2, 0, 1)

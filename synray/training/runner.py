@@ -15,20 +15,24 @@ job's MLflow run fed from the controller.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 import ray.train
+import ray.train.torch
 import torch
 from ray.train.torch import TorchTrainer
 from torch import nn
 
 from synray.config.run import CheckpointConfig, ScalingConfig
 from synray.io import storage
+from synray.io.s3 import run_storage
 from synray.progress import Board, JobProgress, Throttle, watch_board
-from synray.training.checkpointing import CheckpointReader, run_storage
+from synray.tracking import TrainMetricsToMLflow
+from synray.training.checkpointing import CheckpointReader, write_verification
 
 __all__ = ["Callback", "Hooks", "TrainResult", "fit", "tune_hooks", "local_hooks", "guarded_settings", "check_resume",
            "RUN_FILE"]
@@ -69,6 +73,23 @@ class Hooks:
         for cb in self.callbacks:
             cb.after_report(self, metrics, checkpoint_dir is not None)
 
+    def report_checkpoint(self, metrics: dict[str, Any], save: Callable[[str], None] | None,
+                          verification: Mapping[str, Any] | None = None, every_rank: bool = False,
+                          scores: Mapping[str, Any] | None = None) -> None:
+        """Report ``metrics`` with a checkpoint: ``save(folder)`` fills a fresh folder on rank 0 (on every rank
+        with ``every_rank``: each writes its own files, Ray Train merges them) and rank 0 adds ``verification``
+        (:func:`~synray.training.checkpointing.write_verification`). ``save`` None: no checkpoint."""
+        if save is None:
+            self.report(metrics)
+            return
+        writes = every_rank or self.rank == 0
+        with tempfile.TemporaryDirectory() as d:
+            if writes:
+                save(d)
+            if self.rank == 0 and verification:
+                write_verification(d, verification, scores)
+            self.report(metrics, d if writes else None)
+
     def step_done(self, step: int) -> None:
         for cb in self.callbacks:
             cb.after_step(self, step)
@@ -95,8 +116,6 @@ def _checkpoint_name(metrics: Mapping[str, Any]) -> str:
 
 def _worker(config: dict[str, Any]) -> None:
     """The function every Ray Train rank runs: hooks from the train context, then the job's loop."""
-    import ray.train.torch
-
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
@@ -122,7 +141,7 @@ def _worker(config: dict[str, Any]) -> None:
 
 def tune_hooks(callbacks: Sequence[Callback] = (), quiet: bool = True) -> Hooks:
     """Hooks for a loop run inside a Tune trial (one process): reports and checkpoints go to Tune."""
-    from ray import tune
+    from ray import tune  # sweeps only
 
     def send(metrics: dict[str, Any], directory: str | None) -> None:
         tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(directory) if directory else None)
@@ -176,6 +195,17 @@ class TrainResult:
     checkpoint: CheckpointReader | None
     checkpoint_uri: str | None
 
+    def publish_evaluation(self, outcome: Any, folder: str, tracker: Any, label: str) -> None:
+        """The last checkpoint's verification table on ``outcome`` and its ROC curves beside the run (``folder``)."""
+        from synray.evaluation.roc_plots import publish_roc
+
+        if self.checkpoint is None:
+            return
+        if (verification := self.checkpoint.verification()) is not None:
+            outcome.set_verification(verification, tracker)
+        if (scores := self.checkpoint.scores()) is not None:
+            outcome.extra.update(publish_roc(scores, folder, tracker, label))
+
 
 def fit(
     loop: Callable[..., Any],
@@ -198,8 +228,6 @@ def fit(
 
     ``settings``: what the run must not change between re-runs (see :func:`check_resume`).
     """
-    from synray.tracking import TrainMetricsToMLflow
-
     if settings is not None:
         check_resume(storage.join(output_uri, name), settings)
     storage_path, fs = run_storage(output_uri)

@@ -20,6 +20,9 @@ import torch
 from torch import nn
 
 from synray.diffusion.sampling import Sampler, sample
+from synray.evaluation.evaluate import evaluate_bins
+from synray.models.inputs import embed_faces
+from synray.world.teacher import fit_identity_model
 
 __all__ = ["sample_identities", "identity_metrics", "training_contexts", "ldm_objective", "OBJECTIVES"]
 
@@ -109,8 +112,6 @@ def ldm_objective(unet: nn.Module, decoder: nn.Module, embedder: nn.Module, cont
     Returns ``objective/consistency``, ``objective/separability``, ``objective/verification_accuracy``
     and, for ``student_accuracy``, ``objective/student_accuracy``.
     """
-    from synray.evaluation.evaluate import embed_faces
-
     m = objective.images_per_identity
     images = sample_identities(unet, decoder, contexts, m, latent_shape, objective.sampler, seed)
     labels = np.repeat(np.arange(len(contexts)), m)
@@ -123,9 +124,6 @@ def ldm_objective(unet: nn.Module, decoder: nn.Module, embedder: nn.Module, cont
 
 def student_accuracy(images: np.ndarray, labels: np.ndarray, objective: Any, seed: int = 0) -> float:
     """Average verification accuracy on ``objective.bins`` of a small student trained on the samples."""
-    from synray.distill.teachers import fit_identity_model
-    from synray.evaluation.evaluate import evaluate_bins
-
     s = objective.student
     model, _ = fit_identity_model(images, labels, backbone=s.name, kwargs=s.kwargs, steps=s.steps,
                                   batch_size=s.batch_size, lr=s.lr, seed=seed)

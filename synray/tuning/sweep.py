@@ -32,16 +32,25 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import yaml
 
 from synray.config.base import ConfigError, apply_overrides, config_hash, read_yaml, set_dotted, validate
-from synray.config.sweep import SweepConfig
+from synray.config.distill import DistillConfig
+from synray.config.ldm import LDMConfig
+from synray.config.sweep import ObjectiveConfig, SweepConfig
+from synray.distill.loop import check as check_distill, distill_loop
 from synray.io import storage
 from synray.jobs import JobContext, Need, Outcome
+from synray.ldm.encode import LatentsInfo, prepare_latents
+from synray.ldm.first_stage import DECODER_FILE, load_stage
+from synray.ldm.learner import ldm_loop
+from synray.models.export import load_any_backbone
 from synray.redact import redact, redact_text
 from synray.tracking import PARENT_TAG, Tracker, close_orphans, ensure_experiment, job_run, numeric_metrics, resolve_tracking_uri
-from synray.training.checkpointing import run_storage
+from synray.io.s3 import run_storage
 from synray.training.runner import Callback, tune_hooks
+from synray.tuning.objectives import ldm_objective, training_contexts
 
 __all__ = ["SweepOutcome", "load_target", "trial_config", "param_space", "check", "needs", "run", "distill_trainable",
            "ldm_trainable", "best_config_yaml", "PARENT_FILE", "OWNER_FILE", "sweep_identity", "write_owner_marker",
@@ -53,10 +62,7 @@ OWNER_FILE = "synray_sweep.json"
 
 def _schema(target: str):
     if target == "distill":
-        from synray.config.distill import DistillConfig
-
         return DistillConfig
-    from synray.config.ldm import LDMConfig
 
     return LDMConfig
 
@@ -109,10 +115,6 @@ def param_space(cfg: SweepConfig) -> dict[str, Any]:
 
 def distill_trainable(config: dict, *, base: dict, threads: int = 1, callbacks: tuple[Callback, ...] = ()) -> None:
     """One distillation trial: the whole loop in this process (one worker), one report per epoch."""
-    import torch
-
-    from synray.distill.loop import distill_loop
-
     torch.set_num_threads(threads)
     distill_loop(trial_config(base, config, "distill"), tune_hooks(callbacks))
 
@@ -120,15 +122,6 @@ def distill_trainable(config: dict, *, base: dict, threads: int = 1, callbacks: 
 def ldm_trainable(config: dict, *, base: dict, latents: dict, objective: dict, threads: int = 1,
                   callbacks: tuple[Callback, ...] = ()) -> None:
     """One LDM trial: training on the pre-encoded latents in this process, the objective at every checkpoint."""
-    import torch
-
-    from synray.config.sweep import ObjectiveConfig
-    from synray.ldm.encode import LatentsInfo
-    from synray.ldm.first_stage import DECODER_FILE, load_stage
-    from synray.ldm.learner import ldm_loop
-    from synray.models.export import load_any_backbone
-    from synray.tuning.objectives import ldm_objective, training_contexts
-
     torch.set_num_threads(threads)
     cfg = trial_config(base, config, "train_ldm")
     cfg.training.log_every = cfg.training.checkpoint_every  # Tune needs the metric in every report
@@ -254,8 +247,6 @@ def check(cfg: SweepConfig) -> None:
         check_owner_marker(storage.join(cfg.output.uri, cfg.name), sweep_identity(cfg, base))
     target = trial_config(base, {}, cfg.target)
     if cfg.target == "distill":
-        from synray.distill.loop import check as check_distill
-
         check_distill(target)
     elif not (cfg.objective.embedder or target.contexts.embedder):
         raise ConfigError("objective.embedder is required when the LDM contexts come from a file")
@@ -281,8 +272,6 @@ def run(cfg: SweepConfig, ctx: JobContext) -> SweepOutcome:
     if cfg.target == "distill":
         trainable = tune.with_parameters(distill_trainable, base=base, threads=threads, callbacks=callbacks)
     else:
-        from synray.ldm.encode import prepare_latents
-
         info = prepare_latents(trial_config(base, {}, cfg.target))  # once: CPD does not change the latents
         trainable = tune.with_parameters(ldm_trainable, base=base, latents=info.to_dict(),
                                          objective=cfg.objective.model_dump(mode="json"), threads=threads,

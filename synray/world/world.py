@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from synray.evaluation.binset import write_bin
 from synray.world.factors import IdentityFactors, NuisanceFactors, _check_int, identity_factors, nuisance_factors
 from synray.world.render import render_face
 
@@ -178,8 +179,6 @@ class World:
         ``world-frontal.bin`` (mild nuisance, LFW-like) and ``world-hard.bin`` (strong pose, light
         and occlusion, CFP-FP-like). Both use the same pairs, so their gap measures nuisance alone.
         """
-        from synray.evaluation.binset import write_bin
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {}
