@@ -256,7 +256,10 @@ def test_recognition_learner_in_bf16_tracks_float32(tmp_path):
     for precision in ("fp32", "bf16"):
         learner = Learner(_tiny_cfg(tmp_path, scaling={"precision": precision}), _plan(6))
         assert learner.amp == (precision == "bf16") and not learner.scaler.is_enabled()
+        seen = []  # the trunk's convolutions run in the step's precision (not switched off inside the backbone)
+        learner.backbone_module.conv1.register_forward_hook(lambda m, args, out: seen.append(out.dtype))
         losses[precision] = [learner.step(batch, 0, 0.05).loss for _ in range(8)]
+        assert set(seen) == {BF16 if precision == "bf16" else torch.float32}
     assert losses["bf16"][0] != losses["fp32"][0]
     assert abs(losses["bf16"][0] - losses["fp32"][0]) <= 0.02 * losses["fp32"][0]
     assert losses["bf16"][-1] < losses["bf16"][0]
