@@ -158,18 +158,26 @@ class Totals:
         self.gen_last_end = max(self.gen_last_end, float(r["gen_started"]) + float(r["gen_seconds"]))
 
 
-def _finish(cfg: SynthConfig, prep: Prepared, lease: OutputLease, totals: Totals, seconds: float, backend: str,
+def _finish(cfg: SynthConfig, prep: Prepared, lease: OutputLease, totals: Totals, started: float, backend: str,
             tracker) -> dict:
-    """Summary, then the files that describe the dataset, ``_manifest.json`` and ``_SUCCESS`` last."""
+    """Summary, then the files that describe the dataset, ``_manifest.json`` and ``_SUCCESS`` last.
+
+    ``started``: wall-clock time the units' processing began (after :func:`prepare`).
+    """
     uri = prep.uri
+    seconds = time.time() - started
     images, qn = totals.rows, totals.quality_n
+    span = totals.units > 0
     summary = {
         "backend": backend, "units_written": totals.units, "units_skipped": len(prep.units) - len(prep.pending),
         "images_written": images, "filtered": totals.filtered,
         "seconds": seconds, "images_per_second": images / seconds if seconds > 0 else 0.0,
         "generator_seconds": totals.gen_seconds,
-        # from the first generate call's start to the last one's end: the generator's span, without start-up
-        "generator_span_seconds": max(totals.gen_last_end - totals.gen_first_start, 0.0) if totals.units else 0.0,
+        # the generator's span (first generate call's start to the last one's end), the time before it (start-up:
+        # actors, first rows) and after it (drain: the last unit's alignment and write)
+        "generator_span_seconds": totals.gen_last_end - totals.gen_first_start if span else 0.0,
+        "generator_start_seconds": totals.gen_first_start - started if span else 0.0,
+        "drain_seconds": started + seconds - totals.gen_last_end if span else 0.0,
         "quality_mean_written": (totals.quality_sum / qn) if qn else None,
         "shards_rewritten": prep.rewritten, "temp_files_removed": len(prep.removed_temp),
     }
@@ -211,7 +219,7 @@ def run_local(cfg: SynthConfig, tracker=None) -> dict:
     with open_output(cfg) as lease:
         prep = prepare(cfg)
         d = _cfg_dict(cfg)
-        t0 = time.perf_counter()
+        started = time.time()
         totals = Totals()
         if prep.pending:
             stages = ([ContextFaceStage(d)] if cfg.contexts.source == "face_embeddings" else []) + [
@@ -222,7 +230,7 @@ def run_local(cfg: SynthConfig, tracker=None) -> dict:
                 for stage in stages:
                     batch = stage(batch)
                 totals.add(batch)
-        return _finish(cfg, prep, lease, totals, time.perf_counter() - t0, "local", tracker)
+        return _finish(cfg, prep, lease, totals, started, "local", tracker)
 
 
 def build_dataset(cfg: SynthConfig, pending: list[int], uri: str, meta: dict, base: Any = None):
@@ -272,7 +280,7 @@ def run_synthesis(cfg: SynthConfig, tracker=None, progress: bool | None = None) 
     with open_output(cfg) as lease:
         prep = prepare(cfg)
         quiet = is_quiet(cfg.ray) if progress is None else not progress
-        t0 = time.perf_counter()
+        started = time.time()
         totals = Totals()
         if prep.pending:
             ds = build_dataset(cfg, prep.pending, prep.uri, prep.meta, _put_base(cfg))
@@ -284,10 +292,10 @@ def run_synthesis(cfg: SynthConfig, tracker=None, progress: bool | None = None) 
                     lease.check()
                     totals.add(row)
                     bar.update(totals.units, images=totals.rows,
-                               **{"img/s": totals.rows / max(time.perf_counter() - t0, 1e-9)})
+                               **{"img/s": totals.rows / max(time.time() - started, 1e-9)})
             finally:
                 bar.close()
-        return _finish(cfg, prep, lease, totals, time.perf_counter() - t0, "ray", tracker)
+        return _finish(cfg, prep, lease, totals, started, "ray", tracker)
 
 
 # --------------------------------------------------------------------------------------------
