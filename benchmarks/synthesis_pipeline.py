@@ -158,7 +158,7 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--setups", default="world,ldm")
     p.add_argument("--world-units", type=int, default=4, help="world: units (1,280 images each) in the N run; 2N: twice")
-    p.add_argument("--ldm-units", type=int, default=4, help="ldm: units (64 images each) in the N run; 2N: twice")
+    p.add_argument("--ldm-units", type=int, default=8, help="ldm: units (64 images each) in the N run; 2N: twice")
     args = p.parse_args()
     setup(args)
     root = workdir(args, "synthesis_pipeline")

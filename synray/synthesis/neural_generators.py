@@ -53,9 +53,9 @@ class LDMGenerator:
         self.cfg = cfg
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
-        self.batch_size = g.batch_size if g.batch_size != "auto" else auto_batch_size(self)
         self.model = with_precision(maybe_compile(self.unet, g.compile), self.device, self.dtype)
         self._decode = maybe_compile(self.vq, g.compile)  # VQDecoder.forward is decode (quantise + decoder)
+        self.batch_size = g.batch_size if g.batch_size != "auto" else auto_batch_size(self)
         self.decode_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def _x_T(self, seeds: list[int]) -> torch.Tensor:
@@ -115,19 +115,24 @@ def auto_batch_size(gen: LDMGenerator, probe: int = 8, share: float = 0.45) -> i
     batch, measured, scaled to ``share`` of the free memory (the rest: allocator slack, the decode of the
     previous batch, compiled graphs); a multiple of 8, at most :data:`MAX_GPU_BATCH`. CPU: :data:`CPU_BATCH`."""
     from synray.config.sampler import DDIMSampler
-    from synray.models.precision import with_precision
+    from synray.models.precision import autocast, with_precision
 
     if gen.device.type != "cuda":
         return CPU_BATCH
     g = gen.cfg.generator
     s = g.sampler
     probe_cfg = DDIMSampler(steps=2, guidance=s.guidance) if s.method == "ddpm" else s.model_copy(update={"steps": 2})
-    model = with_precision(gen.unet, gen.device, gen.dtype)
+    model = with_precision(gen.unet, gen.device, gen.dtype)  # eager: the probe must not compile for its own shape
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        with autocast(gen.device, gen.dtype):
+            return gen.vq(z)
+
     x = torch.randn((probe, *g.latent_shape), device=gen.device)
     ctx = torch.nn.functional.normalize(torch.randn(probe, gen.unet.config.context_input_channels, device=gen.device))
     peaks = []
     with torch.no_grad():
-        for run in (lambda: sample(probe_cfg, model, x, ctx), lambda: gen.decode(x)):
+        for run in (lambda: sample(probe_cfg, model, x, ctx), lambda: decode(x)):
             torch.cuda.synchronize(gen.device)
             torch.cuda.reset_peak_memory_stats(gen.device)
             base = torch.cuda.memory_allocated(gen.device)

@@ -149,8 +149,9 @@ class FinishStage:
         if self.cfg.quality.threshold is not None and self.embedder is not None:
             keep = quality >= self.cfg.quality.threshold
         unit["filtered"] = np.int64((~keep).sum())
-        for k in ("images", "identity", "sample", "seed", "identity_b", "mix_weight"):
-            unit[k] = unit[k][keep]
+        if not keep.all():  # a unit's images are tens of MB: copied only when some are dropped
+            for k in ("images", "identity", "sample", "seed", "identity_b", "mix_weight"):
+                unit[k] = unit[k][keep]
         unit["quality"] = quality[keep]
         unit["kind"] = kinds[keep].astype(str)
         return rebatch(unit)
