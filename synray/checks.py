@@ -19,8 +19,8 @@ from pydantic import BaseModel
 
 from synray.config.distill import DistillConfig
 from synray.config.export import ExportConfig
-from synray.config.paths import NAMED_MODELS
 from synray.config.ldm import LDMConfig
+from synray.config.paths import NAMED_MODELS
 from synray.config.report import ReportConfig
 from synray.config.synth import SynthConfig
 from synray.config.train import TrainConfig

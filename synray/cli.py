@@ -52,7 +52,9 @@ def _flag_overrides(command: str, args: argparse.Namespace) -> list[str]:
     for flag, (_, overrides) in FLAGS.get(command, {}).items():
         if getattr(args, flag.lstrip("-").replace("-", "_"), False):
             if command == "quickstart" and flag == "--tiny":
-                from synray.quickstart import TINY  # the quickstart job's modules (torch) only when asked for
+                from synray.quickstart import (
+                    TINY,  # the quickstart job's modules (torch) only when asked for
+                )
 
                 overrides = TINY
             out += overrides

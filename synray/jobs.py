@@ -136,7 +136,9 @@ class Outcome:
     ok: bool = True
 
     def set_verification(self, results: dict[str, dict[str, float]], tracker: Any = None) -> None:
-        from synray.evaluation.evaluate import format_table  # torch: not at import time of the command line
+        from synray.evaluation.evaluate import (
+            format_table,  # torch: not at import time of the command line
+        )
         from synray.evaluation.verification import accuracy_metrics
 
         self.verification = results

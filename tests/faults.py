@@ -6,6 +6,7 @@ these classes without the tests folder on their path.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -69,3 +70,66 @@ class FailOnce(Callback):
         self.reports += 1
         if self.armed and self.reports == self.after_reports:
             raise RuntimeError(f"injected trial failure after {self.reports} report(s)")
+
+
+class KillMidUpload(Callback):
+    """The first process to claim ``marker`` dies (``os._exit``) in the middle of uploading the checkpoint that
+    follows optimiser step ``step``: one file of it uploaded whole, the next cut off half-way through its body.
+    (Uploads run on several threads: which file is cut off varies, that one is.)"""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = step, str(marker)
+
+    def after_step(self, hooks: Hooks, step: int) -> None:
+        if step != self.step or hooks.rank != 0 or not claim(self.marker):
+            return
+        from synray.io import storage
+
+        try:  # under Ray Train: die in steady state, once the controller has registered the earlier checkpoints
+            import ray.train
+
+            ray.train.get_all_reported_checkpoints(timeout_s=120)
+        except Exception:  # noqa: BLE001 - a Tune trial: its reports are registered as they are made
+            pass
+
+        real, calls = storage.s3_client, []
+
+        class HalfThenDie(io.RawIOBase):
+            def __init__(self, data: bytes) -> None:
+                self.data, self.pos = data, 0
+
+            def readable(self) -> bool:
+                return True
+
+            def seekable(self) -> bool:
+                return True
+
+            def tell(self) -> int:
+                return self.pos
+
+            def seek(self, pos: int, whence: int = 0) -> int:
+                self.pos = pos if whence == 0 else (self.pos + pos if whence == 1 else len(self.data) + pos)
+                return self.pos
+
+            def readinto(self, b) -> int:
+                if self.pos >= len(self.data) // 2:
+                    os._exit(1)
+                n = min(len(b), len(self.data) // 2 - self.pos)
+                b[:n] = self.data[self.pos:self.pos + n]
+                self.pos += n
+                return n
+
+        def dying_client():
+            client = real()
+            put = client.put_object
+
+            def put_object(Body, **kw):
+                calls.append(kw.get("Key"))
+                if len(calls) < 2:
+                    return put(Body=Body, **kw)
+                return put(Body=HalfThenDie(bytes(Body)), ContentLength=len(Body), **kw)
+
+            client.put_object = put_object
+            return client
+
+        storage.s3_client = dying_client

@@ -5,7 +5,6 @@ Fold counts, FAR and FPR targets, ranks and array lengths come from the golden f
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from synray.evaluation import command
+from synray.cli import main
 from synray.evaluation.binset import write_bin
 from synray.evaluation.evaluate import evaluate_bins, find_bins, format_table
 from synray.evaluation.identification import TINYFACE_RANKS, dir_far, rank_accuracy
@@ -289,33 +288,23 @@ def test_evaluate_bins_and_table(tmp_path):
         find_bins([tmp_path / "missing.bin"])
 
 
-def _parser():
-    parser = argparse.ArgumentParser(prog="synray")
-    command.register(parser.add_subparsers(dest="command"))
-    return parser
-
-
 def test_eval_command_end_to_end(tmp_path, capsys):
     """A tiny random TinyFaR-C saved as a plain state dict, evaluated on a 20-pair .bin set."""
     _write_set(tmp_path / "lfw.bin")
     torch.manual_seed(0)
     ckpt = tmp_path / "backbone.pth"
     torch.save(build_backbone("tinyfar_c").state_dict(), ckpt)
-    args = _parser().parse_args(["eval", "--backbone", "tinyfar_c", "--checkpoint", str(ckpt),
-                                 "--bins", str(tmp_path / "lfw.bin"), "--batch-size", "20"])
-    assert args.func is command.run
-    assert command.run(args) == 0
+    assert main(["eval", "--backbone", "tinyfar_c", "--checkpoint", str(ckpt), "--bins", str(tmp_path / "lfw.bin"),
+                 "--batch-size", "20"]) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("lfw"))
     acc = float(row.split()[2])
     assert 0.0 <= acc <= 100.0 and "average" in out
 
     # unknown name and mismatched checkpoint are clear errors, exit code 2
-    args = _parser().parse_args(["eval", "--backbone", "no_such_net", "--checkpoint", str(ckpt), "--bins", str(tmp_path)])
-    assert command.run(args) == 2
+    assert main(["eval", "--backbone", "no_such_net", "--checkpoint", str(ckpt), "--bins", str(tmp_path)]) == 2
     assert "unknown backbone 'no_such_net'" in capsys.readouterr().err
-    args = _parser().parse_args(["eval", "--backbone", "tinyfar_b", "--checkpoint", str(ckpt), "--bins", str(tmp_path)])
-    assert command.run(args) == 2
+    assert main(["eval", "--backbone", "tinyfar_b", "--checkpoint", str(ckpt), "--bins", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "does not match" in err and "tinyfar_b" not in out
 
@@ -327,10 +316,8 @@ def test_eval_command_on_a_synray_checkpoint(tmp_path, capsys):
     _write_set(tmp_path / "lfw.bin")
     kw = {"layers": (1, 1, 1, 1), "widths": (8, 16, 16, 32), "embedding_dim": 32}
     save_backbone(tmp_path / "student.pt", "iresnet18", build_backbone("iresnet18", **kw), kw)
-    args = _parser().parse_args(["eval", "--checkpoint", str(tmp_path / "student.pt"), "--bins", str(tmp_path / "lfw.bin")])
-    assert command.run(args) == 0
+    assert main(["eval", "--checkpoint", str(tmp_path / "student.pt"), "--bins", str(tmp_path / "lfw.bin")]) == 0
     assert any(line.startswith("lfw") for line in capsys.readouterr().out.splitlines())
     torch.save(build_backbone("iresnet18", **kw).state_dict(), tmp_path / "plain.pth")
-    args = _parser().parse_args(["eval", "--checkpoint", str(tmp_path / "plain.pth"), "--bins", str(tmp_path / "lfw.bin")])
-    assert command.run(args) == 2
+    assert main(["eval", "--checkpoint", str(tmp_path / "plain.pth"), "--bins", str(tmp_path / "lfw.bin")]) == 2
     assert "not a synray backbone checkpoint" in capsys.readouterr().err

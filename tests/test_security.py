@@ -225,7 +225,7 @@ def test_a_job_leaks_no_secret_to_files_mlflow_or_stdout(tmp_path, capsys, monke
                "--set", f"tracking.uri={uri}", "--set", "tracking.experiment=t-secrets",
                *[a for o in SECRET_OVERRIDES for a in ("--set", o)]])
     assert rc == 0
-    saved = (tmp_path / "out" / "config.yaml").read_text()
+    saved = (tmp_path / "out" / "_config.yaml").read_text()
     assert "s3://***@bucket/ctx.npy" in saved and "db_password: '***'" in saved
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("t-secrets").experiment_id])

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from faults import FailOnce
+from faults import KillMidUpload
 
 from synray.config import ConfigError
 from synray.jobs import load_job, run_job
@@ -102,14 +102,18 @@ def child_runs(uri, experiment, parent):
 
 
 @pytest.mark.ray
-def test_distill_sweep_in_mlflow_and_resumed_with_tuner_restore(ray_session, world_teacher, tmp_path, capsys):
+def test_distill_sweep_in_mlflow_and_resumed_with_tuner_restore(ray_session, world_teacher, s3_server, tmp_path, capsys):
+    """Trials checkpoint on S3 (moto); one is killed half-way through uploading its second checkpoint and resumes
+    from its first when the sweep is re-run."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     over = [f"base={ROOT / 'conf/distill/world_tiny.yaml'}", f"overrides=[teacher={world_teacher}, epochs=2, "
-            "iterations_per_epoch=3, validation.batches=1]", f"output.uri={tmp_path}/sweeps", f"tracking.uri={uri}",
+            "iterations_per_epoch=3, validation.batches=1]", f"output.uri=s3://{s3_server['bucket']}/sweeps-{tmp_path.name}",
+            f"tracking.uri={uri}",
             "tracking.experiment=t-sweep", "trial_max_failures=0"]
-    first = sweep(ROOT / "conf/sweep/world_distill_tiny.yaml", over, [FailOnce(1, tmp_path / "failed-once")])
+    kill = KillMidUpload(2 * 3 * 2, tmp_path / "killed-once")  # after epoch 2 (3 iterations of 2 steps each)
+    first = sweep(ROOT / "conf/sweep/world_distill_tiny.yaml", over, [kill])
     assert not first.restored and len(first.trials) == 2 and len(first.errors) == 1  # one trial died after epoch 1
-    second = sweep(ROOT / "conf/sweep/world_distill_tiny.yaml", over, [FailOnce(1, tmp_path / "failed-once")])
+    second = sweep(ROOT / "conf/sweep/world_distill_tiny.yaml", over, [kill])
     assert second.restored and second.parent_run_id == first.parent_run_id and not second.errors
     trials = {t["params"]["resampling_coef"]: t["metrics"] for t in second.trials}
     assert set(trials) == {0.0, 2.0} and all(m["epoch"] == 2 for m in trials.values())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -15,7 +16,15 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from synray.config.paths import URI, TrackingURI
 from synray.errors import UserError
@@ -69,12 +78,28 @@ class RayConfig(StrictModel):
 
 
 class JobConfig(StrictModel):
-    """What every job config has: where it writes, how it is tracked, how it reaches Ray."""
+    """What every job config has: where it writes, how it is tracked, how it reaches Ray, which plugins it needs."""
 
     kind: str
+    #: modules that register generators, samplers, backbones or heads; imported before the rest of the config is
+    #: read, in every process that reads it (so they must be importable on every node: installed, or in the job's
+    #: --working-dir)
+    plugins: list[str] = Field(default_factory=list)
     output: OutputConfig = OutputConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _import_plugins(cls, data: Any) -> Any:
+        for i, name in enumerate((data.get("plugins") or []) if isinstance(data, dict) else []):
+            try:
+                importlib.import_module(name)
+            except ImportError as exc:
+                raise ValidationError.from_exception_data("plugins", [{"type": PydanticCustomError(
+                    "plugin_import", "cannot import {name}: {error}", {"name": repr(name), "error": str(exc)}),
+                    "loc": ("plugins", i), "input": name}]) from None
+        return data
 
     def writes(self) -> dict[str, OutputConfig]:
         """The locations the job writes, by dotted key (checked against the cluster before Ray work)."""

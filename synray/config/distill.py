@@ -9,7 +9,6 @@ optimiser steps per epoch, 21 epochs, Adam 1e-3 with StepLR(10 epochs, 0.5), ``r
 from __future__ import annotations
 
 from functools import partial
-
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -17,8 +16,8 @@ from pydantic import Field, model_validator
 from synray.config.base import JobConfig, OutputConfig, StrictModel, TrackingConfig
 from synray.config.paths import URI, ModelRef
 from synray.config.run import CheckpointConfig, EvalConfig, ScalingConfig
-from synray.config.train import BackboneConfig
 from synray.config.sampler import DDIMSampler, SamplerConfig
+from synray.config.train import BackboneConfig
 
 
 class WorldLatentConfig(StrictModel):

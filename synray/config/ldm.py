@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
-from synray.config.base import JobConfig, OutputConfig, StrictModel, TrackingConfig, build_dataclass
+from synray.config.base import (
+    JobConfig,
+    OutputConfig,
+    StrictModel,
+    TrackingConfig,
+    build_dataclass,
+)
 from synray.config.paths import URI, ModelRef
 from synray.config.run import CheckpointConfig, ScalingConfig
 from synray.models.unet_config import FLAVOURS, UNetConfig

@@ -7,7 +7,6 @@ is exactly what a user would run by hand.
 from __future__ import annotations
 
 from functools import partial
-
 from typing import Literal
 
 from pydantic import Field

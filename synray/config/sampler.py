@@ -20,9 +20,15 @@ guidance, one model pass per step) for every method but ``uiface``, which uses U
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, ValidationError, WrapValidator, field_validator
+from pydantic import (
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from synray.config.base import StrictModel
@@ -121,54 +127,49 @@ class UniPCSampler(StrictModel):
         return False
 
 
+#: method -> its config class; :func:`synray.diffusion.sampling.register_sampler` adds methods
 SAMPLERS: dict[str, type[StrictModel]] = {
     "ddpm": DDPMSampler, "ddim": DDIMSampler, "uiface": UIFaceSampler, "dpmpp": DPMppSampler, "unipc": UniPCSampler,
 }
+
+#: the built-in methods
 METHODS: tuple[str, ...] = tuple(SAMPLERS)
 
 
-def _method_of(value: Any) -> str | None:
-    if isinstance(value, dict):
-        return value.get("method", DEFAULT_METHOD)
-    return getattr(value, "method", None)
-
-
-def _errors_at_the_block(value: Any, handler: Any) -> Any:
-    """Report errors at ``sampler.<key>``, not under pydantic's union tag (``sampler.dpmpp.<key>``)."""
+def _sampler_block(value: Any) -> StrictModel:
+    """The block as its method's config (the table is read at validation time, so registered methods count);
+    errors are reported at ``sampler.<key>``."""
+    if isinstance(value, tuple(SAMPLERS.values())):
+        return value
+    valid = ", ".join(SAMPLERS)
+    if not isinstance(value, dict):
+        raise PydanticCustomError("sampler_block", "a sampler is a mapping with a 'method' ({valid})", {"valid": valid})
+    method = value.get("method", DEFAULT_METHOD)
+    if method not in SAMPLERS:
+        raise ValidationError.from_exception_data("sampler", [{"type": PydanticCustomError(
+            "sampler_method", "unknown sampler method '{method}'; valid: {valid}", {"method": str(method), "valid": valid}),
+            "loc": ("method",), "input": method}])
+    cls = SAMPLERS[method]
     try:
-        return handler(value)
+        return cls.model_validate({**value, "method": method})
     except ValidationError as err:
-        tag = _method_of(value)
         details: list[Any] = []
         for e in err.errors():
-            loc = tuple(e["loc"])
-            if e["type"] == "union_tag_invalid":
-                details.append({"type": PydanticCustomError(
-                    "sampler_method", "unknown sampler method '{method}'; valid: {valid}",
-                    {"method": str(tag), "valid": ", ".join(METHODS)}), "loc": loc + ("method",), "input": tag})
-                continue
-            if e["type"] == "union_tag_not_found":
-                details.append({"type": PydanticCustomError(
-                    "sampler_block", "a sampler is a mapping with a 'method' ({valid})", {"valid": ", ".join(METHODS)}),
-                    "loc": loc, "input": e["input"]})
-                continue
-            if loc and loc[0] == tag:
-                loc = loc[1:]
-            if e["type"] == "extra_forbidden" and tag in SAMPLERS and len(loc) == 1:
+            if e["type"] == "extra_forbidden" and len(e["loc"]) == 1:
                 details.append({"type": PydanticCustomError(
                     "extra_forbidden", "unknown key for method '{method}' (its keys: {keys})",
-                    {"method": tag, "keys": ", ".join(SAMPLERS[tag].model_fields)}), "loc": loc, "input": e["input"]})
+                    {"method": method, "keys": ", ".join(cls.model_fields)}), "loc": e["loc"], "input": e["input"]})
                 continue
-            detail = {"type": e["type"], "loc": loc, "input": e["input"]}
+            detail = {"type": e["type"], "loc": e["loc"], "input": e["input"]}
             if "ctx" in e:
                 detail["ctx"] = e["ctx"]
             details.append(detail)
         raise ValidationError.from_exception_data("sampler", details) from None
 
 
-#: the sampler block of every config: one of the method variants above
+#: the sampler block of every config: one of the methods of :data:`SAMPLERS`
 SamplerConfig = Annotated[
-    Union[tuple(Annotated[cls, Tag(name)] for name, cls in SAMPLERS.items())],  # noqa: UP007 - built from the table
-    Discriminator(_method_of),
-    WrapValidator(_errors_at_the_block),
+    StrictModel,
+    PlainValidator(_sampler_block),
+    PlainSerializer(lambda v, info: v.model_dump(mode=info.mode)),
 ]

@@ -8,7 +8,6 @@ checkpoint (LDM), checkpointed, and logged as an MLflow child run of the sweep's
 from __future__ import annotations
 
 from functools import partial
-
 from typing import Any, Literal
 
 from pydantic import Field, model_validator

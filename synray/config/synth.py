@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from functools import partial
-
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, PlainValidator, model_validator
+from pydantic import Field, PlainValidator, ValidationError, field_validator, model_validator
 
 from synray.config.base import JobConfig, OutputConfig, StrictModel
 from synray.config.paths import URI, ModelRef
 from synray.config.run import Precision
 from synray.config.sampler import DDIMSampler, SamplerConfig
+from synray.synthesis.registry import generator_entry
 
 
 def _batch_size(value: Any) -> int | str:
@@ -63,7 +63,10 @@ class ContextsConfig(StrictModel):
 class GeneratorConfig(StrictModel):
     """Which generator makes the images and how its actor pool is sized."""
 
-    type: Literal["ldm", "world", "dcgan"] = "ldm"
+    #: a name of :data:`synray.synthesis.registry.GENERATORS` (built in: ldm, world, dcgan; plugins add more)
+    type: str = "ldm"
+    #: settings of a generator that declares them (validated by its registered options model)
+    options: dict[str, Any] = Field(default_factory=dict)
     unet: URI | None = None  # diffusion checkpoint (published layout)
     vq_decoder: URI | None = None
     #: VQ architecture overrides (e.g. {ch: 32, ch_mult: [1, 2]}) for non-published decoders; None = published f4
@@ -85,8 +88,24 @@ class GeneratorConfig(StrictModel):
     max_actors: int = Field(2, ge=1)
     world_difficulty: float = Field(1.0, ge=0.0)
 
+    @field_validator("type")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        generator_entry(v)
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> GeneratorConfig:
+        entry = generator_entry(self.type)
+        if entry.options is not None:
+            try:
+                self.__dict__["options"] = entry.options.model_validate(self.options).model_dump(mode="json")
+            except ValidationError as err:  # reported at generator.options.<key>
+                raise ValidationError.from_exception_data("options", [
+                    {"type": e["type"], "loc": ("options", *e["loc"]), "input": e["input"], **({"ctx": e["ctx"]} if "ctx" in e else {})}
+                    for e in err.errors()]) from None
+        elif self.options:
+            raise ValueError(f"generator.options: generator {self.type!r} takes no options, got {sorted(self.options)}")
         if self.type == "ldm" and not (self.unet and self.vq_decoder):
             raise ValueError("generator.unet and generator.vq_decoder are required for type 'ldm'")
         if self.max_actors < self.min_actors:

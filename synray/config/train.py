@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from functools import partial
-
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator

@@ -19,7 +19,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from synray.diffusion.ddim import Generators, check_sampler_inputs, gaussian_noise, predict_eps
+from synray.diffusion.ddim import (
+    Generators,
+    check_sampler_inputs,
+    gaussian_noise,
+    predict_eps,
+)
 from synray.diffusion.schedule import DiffusionSchedule, StepCallback, linear_schedule
 
 DDPM_MODES: tuple[str, ...] = ("reference", "textbook")

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import TypeAdapter
 from torch import Tensor, nn
 
+from synray.config.base import StrictModel
 from synray.config.sampler import (
     METHODS,
     SAMPLERS,
@@ -32,10 +33,19 @@ from synray.diffusion.schedule import DiffusionSchedule, linear_schedule
 from synray.diffusion.uiface import uiface_sample
 from synray.diffusion.unipc import unipc_sample
 
-__all__ = ["METHODS", "Sampler", "sample", "sampler_config"]
+__all__ = ["METHODS", "Sampler", "sample", "sampler_config", "register_sampler"]
 
 Sampler = DDPMSampler | DDIMSampler | UIFaceSampler | DPMppSampler | UniPCSampler
 _ADAPTER: TypeAdapter = TypeAdapter(SamplerConfig)
+
+
+def register_sampler(config: type[StrictModel], run: Callable[..., Tensor]) -> None:
+    """Add a sampling method: ``config`` is its config class (a ``method: Literal["name"]`` field, every option
+    typed), ``run(cfg, model, x_T, context, generator, schedule)`` returns the final latent. Configs name it
+    with ``sampler: {method: name, ...}`` once the module that registers it is imported (``plugins``)."""
+    method = config.model_fields["method"].default
+    SAMPLERS[method] = config
+    _RUN[method] = run
 
 
 def sampler_config(value: Sampler | Mapping[str, Any]) -> Sampler:

@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from synray.errors import UserError
 from synray.config.distill import DistillGeneratorConfig
 from synray.diffusion.sampling import sample
 from synray.distill.resample import crop_and_resize
+from synray.errors import UserError
 
 __all__ = [
     "GeneratorError", "LatentGenerator", "StyleGAN2Generator", "DCGANLatentGenerator", "LDMLatentGenerator",

@@ -30,7 +30,12 @@ from torch import Tensor, nn
 
 from synray.config.base import ConfigError
 from synray.config.distill import DistillConfig
-from synray.distill.generators import GeneratorError, LatentGenerator, build_latent_generator, face_crops
+from synray.distill.generators import (
+    GeneratorError,
+    LatentGenerator,
+    build_latent_generator,
+    face_crops,
+)
 from synray.distill.resample import kd_loss, resample_latents
 from synray.distill.teachers import Teacher, load_teacher
 from synray.evaluation.evaluate import evaluate_bins, find_bins

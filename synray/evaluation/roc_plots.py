@@ -14,7 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from synray.evaluation.roc import SCORES_FILE, format_threshold_table, load_scores, roc_curve, threshold_table
+from synray.evaluation.roc import (
+    SCORES_FILE,
+    format_threshold_table,
+    load_scores,
+    roc_curve,
+    threshold_table,
+)
 from synray.io import storage
 from synray.plots import roc_png
 

@@ -8,6 +8,7 @@ through :func:`synray.io.storage.s3_client`, like :func:`synray.io.storage.write
 from __future__ import annotations
 
 import io
+import sys
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -18,13 +19,20 @@ __all__ = ["UploadOnClose", "BotoUploadHandler", "run_storage"]
 
 
 class UploadOnClose(io.BytesIO):
-    """A write buffer that becomes one S3 object when closed (visible only once complete)."""
+    """A write buffer that becomes one S3 object when closed (visible only once complete).
+
+    Nothing is published when the writer fails: a stream closed while an exception propagates (a ``with``
+    block that raised) is discarded, and a writer killed mid-write never reaches the upload.
+    """
 
     def __init__(self, bucket: str, key: str) -> None:
         super().__init__()
         self.bucket, self.key = bucket, key
 
     def close(self) -> None:
+        if not self.closed and sys.exc_info()[0] is not None:
+            super().close()  # the writer failed: publish nothing
+            return
         if not self.closed:
             data = self.getbuffer()
             if len(data) < 4 * 2**30:  # one PUT: the object appears only when complete

@@ -26,8 +26,19 @@ from synray.config.base import config_hash
 from synray.config.ldm import LDMConfig
 from synray.io import storage
 from synray.io.shards import shard_name
-from synray.ldm.data import ImageItems, LDMDataError, list_images, load_context_file, load_images
-from synray.ldm.first_stage import ENCODER_FILE, load_stage, prepare_first_stage, to_unit
+from synray.ldm.data import (
+    ImageItems,
+    LDMDataError,
+    list_images,
+    load_context_file,
+    load_images,
+)
+from synray.ldm.first_stage import (
+    ENCODER_FILE,
+    load_stage,
+    prepare_first_stage,
+    to_unit,
+)
 from synray.models.export import load_any_backbone
 from synray.models.inputs import embed_faces
 

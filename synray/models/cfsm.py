@@ -30,7 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from synray.models.checkpoint import CheckpointError, load_strict, normalize_keys, read_checkpoint
+from synray.models.checkpoint import (
+    CheckpointError,
+    load_strict,
+    normalize_keys,
+    read_checkpoint,
+)
 
 
 class AdaptiveInstanceNorm2d(nn.Module):

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
+
 from synray.errors import UserError
 
 WRAPPER_PREFIXES = ("module.", "_module.", "_forward_module.")

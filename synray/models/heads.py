@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "MarginHead", "ArcFace", "CosFace", "AdaFace", "ElasticArcFace", "ElasticCosFace",
-    "SynFaceArcMargin", "SynFaceCosMargin", "synface_mixup_loss", "build_head", "HEADS",
+    "SynFaceArcMargin", "SynFaceCosMargin", "synface_mixup_loss", "build_head", "register_head", "HEADS",
 ]
 
 
@@ -438,6 +438,13 @@ HEADS: dict[str, Callable[..., MarginHead]] = {
     "synface_arc": lambda d, c, **kw: SynFaceArcMargin(d, c, **kw),
     "synface_cos": lambda d, c, **kw: SynFaceCosMargin(d, c, **kw),
 }
+
+
+def register_head(name: str, factory: Callable[..., MarginHead]) -> None:
+    """Add a margin head: ``factory(embedding_size, num_classes, **head.kwargs)`` returns a module with a class-centre
+    ``kernel`` [D, C] whose ``forward(embeddings, labels)`` gives the logits. Configs name it once its module is
+    imported (``plugins``)."""
+    HEADS[name] = factory
 
 
 def build_head(name: str, embedding_size: int, num_classes: int, **kw) -> MarginHead:

@@ -21,10 +21,24 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from synray.models.checkpoint import WRAPPER_PREFIXES, CheckpointError, load_strict, normalize_keys, read_checkpoint
-from synray.models.iresnet import elasticface_iresnet, iresnet, synthdistill_teacher_iresnet100
+from synray.models.checkpoint import (
+    WRAPPER_PREFIXES,
+    CheckpointError,
+    load_strict,
+    normalize_keys,
+    read_checkpoint,
+)
+from synray.models.iresnet import (
+    elasticface_iresnet,
+    iresnet,
+    synthdistill_teacher_iresnet100,
+)
 from synray.models.irse import adaface_ir, tface_ir
-from synray.models.keymap import insightface_to_tface, state_layout, tface_to_insightface
+from synray.models.keymap import (
+    insightface_to_tface,
+    state_layout,
+    tface_to_insightface,
+)
 from synray.models.lresnet import lresnet50e_ir
 from synray.models.tinyfar import tinyfar
 
@@ -72,6 +86,12 @@ def _entries() -> dict[str, BackboneInfo]:
 
 
 BACKBONES: dict[str, BackboneInfo] = _entries()
+
+
+def register_backbone(name: str, builder: Callable[..., nn.Module], source: str = "", layout: str = "custom") -> None:
+    """Add a backbone: ``builder(**backbone.kwargs)`` returns the ``nn.Module`` (with ``embedding_dim`` and
+    ``input_size`` attributes, as the built-in ones have). Configs name it once its module is imported (``plugins``)."""
+    BACKBONES[name] = BackboneInfo(name, builder, layout, None, source or name)
 
 
 def list_backbones() -> list[str]:
@@ -160,6 +180,7 @@ __all__ = [
     "backbone_info",
     "backbone_state",
     "build_backbone",
+    "register_backbone",
     "list_backbones",
     "load_backbone",
 ]

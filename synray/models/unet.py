@@ -21,7 +21,14 @@ from torch import nn
 
 from synray.models.unet_config import FLAVOURS, UNetConfig
 from synray.models.unet_layers import (
-    CrossAttentionBlock, Downsample, MiddleBlock, MultiHeadAttention, ResAttnBlock, TimeEmbedding, Upsample, zero_init,
+    CrossAttentionBlock,
+    Downsample,
+    MiddleBlock,
+    MultiHeadAttention,
+    ResAttnBlock,
+    TimeEmbedding,
+    Upsample,
+    zero_init,
 )
 
 __all__ = ["UNetConfig", "ConditionalUNet", "FLAVOURS"]

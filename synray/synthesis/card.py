@@ -109,7 +109,7 @@ def dataset_card(cfg: SynthConfig, manifest: dict[str, Any], inputs: dict[str, s
         "",
         "## Licence",
         "",
-        LICENCES[g.type],
+        LICENCES.get(g.type, f"generator `{g.type}` comes from a plugin: its licence and its training data are its authors'."),
     ]
     if inputs.get("contexts.embedder") or inputs.get("quality.embedder"):
         lines += ["", "The face-recognition embedders listed above (contexts, consistency scores) carry their own"

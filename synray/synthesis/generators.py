@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from synray.config.synth import SynthConfig
+from synray.synthesis.registry import generator_entry
 
 #: names served by :mod:`synray.synthesis.neural_generators` (loaded on first use)
 _NEURAL = ("LDMGenerator", "DCGANGenerator", "to_uint8", "auto_batch_size", "CPU_BATCH", "MAX_GPU_BATCH")
@@ -50,15 +51,5 @@ class WorldGenerator:
 
 
 def build_generator(cfg: SynthConfig) -> Generator:
-    kind = cfg.generator.type
-    if kind == "world":
-        return WorldGenerator(cfg)
-    if kind == "ldm":
-        from synray.synthesis.neural_generators import LDMGenerator
-
-        return LDMGenerator(cfg)
-    if kind == "dcgan":
-        from synray.synthesis.neural_generators import DCGANGenerator
-
-        return DCGANGenerator(cfg)
-    raise ValueError(f"unknown generator type {kind!r}; valid: world, ldm, dcgan")
+    """The generator ``generator.type`` names (:mod:`synray.synthesis.registry`)."""
+    return generator_entry(cfg.generator.type).build(cfg)

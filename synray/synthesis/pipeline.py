@@ -32,9 +32,25 @@ from synray.progress import JobProgress
 from synray.runtime import is_quiet
 from synray.synthesis.card import dataset_card
 from synray.synthesis.fingerprint import content_hash, file_digest, input_files
-from synray.synthesis.stages import AlignStage, ContextFaceStage, FinishStage, GenerateStage, WriteStage
-from synray.synthesis.units import (CONTEXT_FACE_SAMPLE, base_task, context_faces, needs_base, rows_batch,  # noqa: F401
-                                    unit_identities, unit_range, unit_row, unit_rows, units_of)
+from synray.synthesis.stages import (
+    AlignStage,
+    ContextFaceStage,
+    FinishStage,
+    GenerateStage,
+    WriteStage,
+)
+from synray.synthesis.units import (  # noqa: F401 - the unit helpers, named here too
+    CONTEXT_FACE_SAMPLE,
+    base_task,
+    context_faces,
+    needs_base,
+    rows_batch,
+    unit_identities,
+    unit_range,
+    unit_row,
+    unit_rows,
+    units_of,
+)
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,6 @@ import torch
 from torch import Tensor
 
 from synray.evaluation.roc import SCORES_FILE, save_scores
-
 from synray.io import storage
 
 __all__ = ["CENTRES_RE", "EVAL_FILE", "centres_name", "write_rank_files", "write_verification", "CheckpointReader",

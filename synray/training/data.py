@@ -23,7 +23,12 @@ import numpy as np
 from synray.errors import UserError
 from synray.io import storage
 from synray.io.images import ImageDecodeError, decode_image
-from synray.io.shards import IncompleteDatasetError, open_dataset, read_dataset, read_shard
+from synray.io.shards import (
+    IncompleteDatasetError,
+    open_dataset,
+    read_dataset,
+    read_shard,
+)
 from synray.io.sources import ImageSource, SourceError, is_foreign, open_source
 from synray.models.inputs import fit_image
 

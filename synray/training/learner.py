@@ -31,8 +31,18 @@ from synray.models.registry import build_backbone
 from synray.seeds import derive
 from synray.training import schedules
 from synray.training.cfsm_aug import adversarial_styles, real_synth_indices
-from synray.training.checkpointing import CheckpointReader, TrainingMeta, write_rank_files
-from synray.training.mixup import SYNFACE_LAMBDAS, Target, mix_images, sample_lambda, synface_targets
+from synray.training.checkpointing import (
+    CheckpointReader,
+    TrainingMeta,
+    write_rank_files,
+)
+from synray.training.mixup import (
+    SYNFACE_LAMBDAS,
+    Target,
+    mix_images,
+    sample_lambda,
+    synface_targets,
+)
 from synray.training.partial_fc import ShardedClassifier, class_split
 
 __all__ = ["TrainPlan", "learning_rate", "StepResult", "EpochStats", "Learner"]

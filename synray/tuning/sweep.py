@@ -35,20 +35,36 @@ from typing import Any
 import torch
 import yaml
 
-from synray.config.base import ConfigError, apply_overrides, config_hash, read_yaml, set_dotted, validate
+from synray.config.base import (
+    ConfigError,
+    apply_overrides,
+    config_hash,
+    read_yaml,
+    set_dotted,
+    validate,
+)
 from synray.config.distill import DistillConfig
 from synray.config.ldm import LDMConfig
 from synray.config.sweep import ObjectiveConfig, SweepConfig
-from synray.distill.loop import check as check_distill, distill_loop
+from synray.distill.loop import check as check_distill
+from synray.distill.loop import distill_loop
 from synray.io import storage
+from synray.io.s3 import run_storage
 from synray.jobs import JobContext, Need, Outcome
 from synray.ldm.encode import LatentsInfo, prepare_latents
 from synray.ldm.first_stage import DECODER_FILE, load_stage
 from synray.ldm.learner import ldm_loop
 from synray.models.export import load_any_backbone
 from synray.redact import redact, redact_text
-from synray.tracking import PARENT_TAG, Tracker, close_orphans, ensure_experiment, job_run, numeric_metrics, resolve_tracking_uri
-from synray.io.s3 import run_storage
+from synray.tracking import (
+    PARENT_TAG,
+    Tracker,
+    close_orphans,
+    ensure_experiment,
+    job_run,
+    numeric_metrics,
+    resolve_tracking_uri,
+)
 from synray.training.runner import Callback, tune_hooks
 from synray.tuning.objectives import ldm_objective, training_contexts
 

@@ -10,7 +10,21 @@ import numpy as np
 
 from synray.world.factors import IdentityFactors, NuisanceFactors
 from synray.world.geometry import (
-    AA, ANGLES, ONE, OX, OY, SHIFT, U7, U9, Camera, blend_poly, ellipse_pts, fill_poly, mix, polyline, tint,
+    AA,
+    ANGLES,
+    ONE,
+    OX,
+    OY,
+    SHIFT,
+    U7,
+    U9,
+    Camera,
+    blend_poly,
+    ellipse_pts,
+    fill_poly,
+    mix,
+    polyline,
+    tint,
 )
 
 __all__ = [

@@ -19,11 +19,34 @@ import numpy as np
 
 from synray.world.factors import IdentityFactors, NuisanceFactors, perturb_identity
 from synray.world.features import (
-    draw_brow, draw_eye, draw_facial_hair, draw_glasses, draw_mouth, draw_nose, draw_occluder, face_outline,
+    draw_brow,
+    draw_eye,
+    draw_facial_hair,
+    draw_glasses,
+    draw_mouth,
+    draw_nose,
+    draw_occluder,
+    face_outline,
 )
 from synray.world.geometry import (
-    AA, COS, ONE, OX, OY, SHIFT, SIN, U13, ZF, Camera, blend_poly, canonical_landmarks, ellipse_pts, fill_poly,
-    head_cap, mix, polyline, tint,
+    AA,
+    COS,
+    ONE,
+    OX,
+    OY,
+    SHIFT,
+    SIN,
+    U13,
+    ZF,
+    Camera,
+    blend_poly,
+    canonical_landmarks,
+    ellipse_pts,
+    fill_poly,
+    head_cap,
+    mix,
+    polyline,
+    tint,
 )
 
 _GRID: dict[int, tuple[np.ndarray, np.ndarray]] = {}

@@ -17,7 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from synray.evaluation.binset import write_bin
-from synray.world.factors import IdentityFactors, NuisanceFactors, _check_int, identity_factors, nuisance_factors
+from synray.world.factors import (
+    IdentityFactors,
+    NuisanceFactors,
+    _check_int,
+    identity_factors,
+    nuisance_factors,
+)
 from synray.world.render import render_face
 
 # Default world difficulty, chosen with benchmarks/world_difficulty.py: its small CNN (300 train
