@@ -28,8 +28,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from common import (ROOT, finish, log, machine, parser, setup, start_ray, stop_ray, table, workdir)
+from common import (
+    ROOT,
+    finish,
+    log,
+    machine,
+    parser,
+    setup,
+    start_ray,
+    stop_ray,
+    table,
+    workdir,
+)
 
 IMAGES_PER_IDENTITY = 20
 
@@ -47,19 +57,24 @@ def lay_down(cfg) -> dict:
     """Write every unit's shard with the job's metadata, as the pipeline's WriteStage would."""
     from synray.io import shards
     from synray.io.images import encode_image
-    from synray.synthesis.pipeline import _cfg_dict, prepare_output, unit_rows
-    from synray.synthesis.stages import GenerateStage
     from synray.seeds import sample_seed
+    from synray.synthesis.pipeline import (
+        _cfg_dict,
+        prepare_output,
+        unit_identities,
+        unit_rows,
+    )
+    from synray.synthesis.stages import GenerateStage
 
-    uri, pending, units, meta = prepare_output(cfg)
+    uri, pending, _, meta = prepare_output(cfg)
     first = pending[0]
-    row = unit_rows(cfg, units, [first])[0]
+    row = next(unit_rows(cfg, [first]))
     unit = GenerateStage(_cfg_dict(cfg))({k: np.asarray(v)[None] for k, v in row.items()})
     pngs = [encode_image(im, ".png") for im in unit["images"][0]]
     n = IMAGES_PER_IDENTITY
     t0 = time.perf_counter()
     for u in pending:
-        ids = units[u]
+        ids = unit_identities(cfg, u)
         identity = np.repeat(ids, n)
         sample = np.tile(np.arange(n, dtype=np.int32), len(ids))
         m = len(identity)
@@ -152,7 +167,7 @@ def main() -> None:
         d = _cfg_dict(cfg)
         stages = [GenerateStage(d), AlignStage(d), FinishStage(d)]
         t0 = time.perf_counter()
-        for row in unit_rows(cfg, units, lost):
+        for row in unit_rows(cfg, lost):
             b = {k: np.asarray(v)[None] for k, v in row.items()}
             for st in stages:
                 b = st(b)

@@ -40,8 +40,18 @@ import time
 
 import numpy as np
 import torch
-
-from common import (H100_FLOPS, gpu_info, log, machine, no_gpu_note, finish, parser, random_unet, setup, table)
+from common import (
+    H100_FLOPS,
+    finish,
+    gpu_info,
+    log,
+    machine,
+    no_gpu_note,
+    parser,
+    random_unet,
+    setup,
+    table,
+)
 
 DDPM_T = 1000
 DPM_STEPS = (10, 15, 20)
@@ -342,10 +352,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="exact denoiser: interleaved rounds (best time kept)")
     args = p.parse_args()
     setup(args)
+    from common import SMALL_VQ, TINY_UNET
+
     from synray.models.unet import UNetConfig
     from synray.models.vq import VQConfig
-
-    from common import SMALL_VQ, TINY_UNET
 
     info = machine()
     threads = torch.get_num_threads()

@@ -16,16 +16,35 @@ quarter (after warm-up). On the 2-core machine this takes over an hour, so it is
 
     python benchmarks/scaling.py [--quick] [--quiet]
     python benchmarks/scaling.py --million [--keep]   # keep the dataset (e.g. for benchmarks/resume.py --dataset)
+    python benchmarks/scaling.py --driver-memory      # driver RSS at 10,000 vs 100,000 identities
+
+``--driver-memory``: the driver's peak RSS for 10,000 and 100,000 identities (one image each, since what the
+driver keeps is per unit or per identity, never per image); flat when the larger run's peak is within 10%
+(+64 MB) of the smaller's.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
 
-from common import (ROOT, MemorySampler, finish, gpu_info, log, machine, no_gpu_note, parser, setup, start_ray,
-                    stop_ray, table, workdir)
+from common import (
+    ROOT,
+    MemorySampler,
+    finish,
+    gpu_info,
+    log,
+    machine,
+    no_gpu_note,
+    parser,
+    setup,
+    start_ray,
+    stop_ray,
+    table,
+    workdir,
+)
 
 IMAGES_PER_IDENTITY = 20
 OBJECT_STORE_MB = 768  # common.start_ray's object store: the most a streaming run's shared pages can grow by
@@ -139,10 +158,43 @@ def million(args, root: Path) -> tuple[dict, list[str], list[str]]:
     return results, [table(rows), table(qrows)], notes
 
 
+def driver_memory(args, root: Path) -> tuple[dict, list[str], list[str]]:
+    """Peak driver RSS for runs of N and 10N identities (one image each: the driver's state is per unit and
+    per identity, not per image), in one Ray session after a warm-up run."""
+    small = 1_000 if args.quick else 10_000
+    sizes = [small, 10 * small]
+    log(f"driver memory: warm-up (1 unit), then {sizes} identities x 1 image")
+    run_once(root / "warmup", 4)  # the first run of a session starts Ray Data's system actors
+    shutil.rmtree(root / "warmup", ignore_errors=True)
+    runs = []
+    for ids in sizes:
+        r = run_once(root / f"ids{ids}", ids, extra=["generator.images_per_identity=1"], interval=0.5, pss_every=0)
+        r.pop("_sampler")
+        shutil.rmtree(root / f"ids{ids}", ignore_errors=True)
+        log(f"  {ids} identities ({r['units']} units): {r['images']} images in {r['seconds']:.1f} s, "
+            f"peak driver RSS {r['peak_driver_mb']:.0f} MB")
+        runs.append(r)
+    a, b = runs
+    results = {"runs": runs, "driver_flat": flat(a["peak_driver_mb"], b["peak_driver_mb"]),
+               "driver_growth_mb": b["peak_driver_mb"] - a["peak_driver_mb"],
+               "driver_growth_kb_per_identity": 1024 * (b["peak_driver_mb"] - a["peak_driver_mb"]) / (sizes[1] - sizes[0])}
+    rows = [{"identities": r["identities"], "units": r["units"], "images": r["images"], "seconds": r["seconds"],
+             "peak driver RSS MB": r["peak_driver_mb"]} for r in runs]
+    summary = [{"figure": f"driver RSS peak {sizes[0]:,} -> {sizes[1]:,} identities (MB)",
+                "value": f"{a['peak_driver_mb']:.0f} -> {b['peak_driver_mb']:.0f} "
+                         f"({results['driver_growth_kb_per_identity']:.2f} KB per identity)",
+                "goal": "flat (<= +10% + 64 MB)", "status": "met" if results["driver_flat"] else "MISSED"}]
+    notes = ["world generator, 1 image per identity, 64 identities per unit; RSS of the driver sampled every 0.5 s",
+             f"machine load (uptime) at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}"]
+    return results, [table(rows), table(summary)], notes
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--identities", type=int, default=192, help="N (default 192 = 3 units -> 3,840, 7,680, 15,360 images)")
     p.add_argument("--million", action="store_true", help="one 1,000,000-image run with memory over time")
+    p.add_argument("--driver-memory", action="store_true",
+                   help="peak driver RSS at 10,000 and 100,000 identities (1 image each; --quick: 1,000 and 10,000)")
     p.add_argument("--keep", action="store_true", help="keep the datasets written")
     args = p.parse_args()
     setup(args)
@@ -150,8 +202,8 @@ def main() -> None:
     info = machine()
     start_ray(object_store_mb=OBJECT_STORE_MB)
     try:
-        name = "scaling_million" if args.million else "scaling"
-        results, tables, notes = (million if args.million else scaling)(args, root)
+        name = "scaling_million" if args.million else "scaling_driver_memory" if args.driver_memory else "scaling"
+        results, tables, notes = (million if args.million else driver_memory if args.driver_memory else scaling)(args, root)
     finally:
         stop_ray()
     if gpu_info() is None:

@@ -29,9 +29,21 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from common import (ROOT, finish, gpu_info, log, machine, no_gpu_note, parser, setup, start_ray, stop_ray, table,
-                    workdir, write_ldm_assets)
+from common import (
+    ROOT,
+    finish,
+    gpu_info,
+    log,
+    machine,
+    no_gpu_note,
+    parser,
+    setup,
+    start_ray,
+    stop_ray,
+    table,
+    workdir,
+    write_ldm_assets,
+)
 
 GOAL = 0.9
 
@@ -63,7 +75,12 @@ def plain_loop(cfg) -> dict:
     import torch
 
     from synray.synthesis.pipeline import _cfg_dict, prepare_output, unit_rows
-    from synray.synthesis.stages import AlignStage, FinishStage, GenerateStage, WriteStage
+    from synray.synthesis.stages import (
+        AlignStage,
+        FinishStage,
+        GenerateStage,
+        WriteStage,
+    )
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -75,7 +92,7 @@ def plain_loop(cfg) -> dict:
         seconds = dict.fromkeys(stages, 0.0)
         images = 0
         t_rows = time.perf_counter()
-        rows = unit_rows(cfg, units, pending)
+        rows = list(unit_rows(cfg, pending))
         seconds["unit_rows"] = time.perf_counter() - t_rows
         for row in rows:
             batch = {k: np.asarray(v)[None] for k, v in row.items()}
@@ -97,7 +114,9 @@ def ray_run(cfg) -> dict:
 
     s = run_synthesis(cfg, progress=False)
     return {"images": s["images_written"], "units": s["units_written"], "seconds": s["seconds"],
-            "images_per_second": s["images_per_second"], "generator_seconds": s["generator_seconds"]}
+            "images_per_second": s["images_per_second"], "generator_seconds": s["generator_seconds"],
+            "generator_span_seconds": s["generator_span_seconds"], "start_seconds": s["generator_start_seconds"],
+            "drain_seconds": s["drain_seconds"]}
 
 
 def fresh(uri: Path) -> Path:
@@ -129,8 +148,11 @@ def measure(name: str, root: Path, assets: dict[str, str], args) -> dict:
         # the generator's own time inside the pipeline: busy fraction of its actors over the run
         r["generator_busy"] = r["generator_seconds"] / actors / r["seconds"]
         r["generator_images_per_second_in_pipeline"] = r["images"] / (r["generator_seconds"] / actors)
+        # between the first generate call's start and the last one's end: busy once started, before the drain
+        r["generator_busy_after_start"] = r["generator_seconds"] / actors / max(r["generator_span_seconds"], 1e-9)
         log(f"[{name}]   {r['images']} images in {r['seconds']:.1f} s = {r['images_per_second']:.1f} img/s; "
-            f"generator busy {r['generator_busy']:.0%}")
+            f"generator busy {r['generator_busy']:.0%} ({r['generator_busy_after_start']:.0%} after its start); "
+            f"start-up {r['start_seconds']:.1f} s, drain {r['drain_seconds']:.1f} s")
         runs[k] = r
         plain(len(plains))
     for p_ in ("plain", "ray"):
@@ -153,7 +175,7 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--setups", default="world,ldm")
     p.add_argument("--world-units", type=int, default=4, help="world: units (1,280 images each) in the N run; 2N: twice")
-    p.add_argument("--ldm-units", type=int, default=4, help="ldm: units (64 images each) in the N run; 2N: twice")
+    p.add_argument("--ldm-units", type=int, default=8, help="ldm: units (64 images each) in the N run; 2N: twice")
     args = p.parse_args()
     setup(args)
     root = workdir(args, "synthesis_pipeline")
@@ -180,6 +202,8 @@ def main() -> None:
             rows.append({"setup": name, "run": f"{k}: {x['units']} units, {x['images']:,} img", "bottleneck": r["bottleneck"],
                          "plain-loop ceiling img/s": x["ceiling_images_per_second"], "Ray Data img/s": x["images_per_second"],
                          "efficiency": x["efficiency"], "generator busy": x["generator_busy"],
+                         "busy after start": x["generator_busy_after_start"], "start-up s": x["start_seconds"],
+                         "drain s": x["drain_seconds"],
                          "generator speed in pipeline / alone": x["generator_slowdown"], "goal": f">= {GOAL}",
                          "status": "met" if x["efficiency"] >= GOAL else "MISSED"})
     stages = []
@@ -192,7 +216,11 @@ def main() -> None:
              "ceiling = bottleneck stage alone in a plain loop (1 torch thread) x generator actors, mean of the plain runs "
              "just before and after each Ray run (order: plain, Ray N, plain, Ray 2N, plain)",
              "generator busy = the generator actors' own time per unit summed / actors / wall time (measured inside the run, "
-             "so immune to load drift between runs); speed in pipeline / alone < 1 when other stages share its cores"]
+             "so immune to load drift between runs); 'after start' divides by the span from the first generate call's "
+             "start to the last one's end instead; start-up = run start to the first generate call (actor start, first "
+             "row), drain = last generate call's end to the run's end; speed in pipeline / alone < 1 when other stages "
+             "share its cores",
+             f"machine load (uptime) at the start: {' '.join(f'{x:.2f}' for x in info['loadavg_start'])}"]
     if gpu_info() is None:
         notes.append(no_gpu_note() + "; generator actors run on 1 CPU each (the GPU stand-in)")
     finish("synthesis_pipeline", args, info, results, [table(rows), table(stages)], notes)

@@ -32,9 +32,21 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from common import (IR50_H100_CEILING, ROOT, finish, gpu_info, log, machine, no_gpu_note, parser, setup, start_ray,
-                    stop_ray, table, workdir)
+from common import (
+    IR50_H100_CEILING,
+    ROOT,
+    finish,
+    gpu_info,
+    log,
+    machine,
+    no_gpu_note,
+    parser,
+    setup,
+    start_ray,
+    stop_ray,
+    table,
+    workdir,
+)
 
 GOAL_LOADER, GOAL_TRAIN = 2.0, 0.95
 MODELS = {
@@ -222,10 +234,13 @@ def rate(times: list[float], batch: int) -> dict:
 
 
 def loader_pass(cfg, plan, info) -> dict:
-    """One pass of the Ray Data loader to the consumer (driver), timed from execution start."""
+    """One pass of the Ray Data loader to the consumer (driver), timed from execution start; the dataset's
+    build (which decodes the images once when they are cached decoded) is timed apart."""
     from synray.training.recognition import build_datasets
 
+    t0 = time.perf_counter()
     ds = build_datasets(cfg, plan, info, None)["train"]
+    build = time.perf_counter() - t0
     t0 = time.perf_counter()
     first = None
     rows = 0
@@ -236,11 +251,28 @@ def loader_pass(cfg, plan, info) -> dict:
     total = time.perf_counter() - t0
     steady = (rows - cfg.batch_size) / max(total - first, 1e-9)
     return {"rows": rows, "seconds": total, "first_batch_seconds": first, "samples_per_second": rows / total,
-            "steady_samples_per_second": steady}
+            "steady_samples_per_second": steady, "build_seconds": build}
+
+
+def measure_loader(name: str, cfg, plan, info, info2) -> dict:
+    """Passes over R and 2R rows: the marginal samples/s once a pass's fixed start-up is paid."""
+    small = loader_pass(cfg, plan, info)
+    large = loader_pass(cfg, plan, info2)
+    loader = {"small": small, "large": large, "samples_per_second": large["samples_per_second"],
+              "cache_fill_seconds_per_1000_rows": 1000 * large["build_seconds"] / large["rows"]}
+    if large["seconds"] > small["seconds"]:
+        loader["marginal_samples_per_second"] = (large["rows"] - small["rows"]) / (large["seconds"] - small["seconds"])
+        loader["fixed_seconds"] = max(small["seconds"] - small["rows"] / loader["marginal_samples_per_second"], 0.0)
+    else:  # noise larger than the work: fall back to the pass rate
+        loader["marginal_samples_per_second"], loader["fixed_seconds"] = large["samples_per_second"], float("nan")
+    log(f"[{name}]   {small['samples_per_second']:.1f} / {large['samples_per_second']:.1f} samples/s per pass; marginal "
+        f"{loader['marginal_samples_per_second']:.1f} samples/s, fixed {loader['fixed_seconds']:.1f} s per pass; "
+        f"build {small['build_seconds']:.1f} / {large['build_seconds']:.1f} s")
+    return loader
 
 
 def run_model(name: str, args, data: Path, data2: Path, root: Path, device: str) -> dict:
-    from synray.training.data import dataset_info
+    from synray.training.data import CACHE_LIMIT_BYTES, dataset_info, decoded_bytes
     from synray.training.recognition import plan_training
 
     m = MODELS[name]
@@ -251,16 +283,16 @@ def run_model(name: str, args, data: Path, data2: Path, root: Path, device: str)
     blocks = 2 if args.quick else m["blocks"]
     log(f"[{name}] Ray Data loader, one pass over {info.rows} rows, then one over twice that")
     loader_pass(cfg, plan, info)  # warm-up: the session's first Ray Data executions start its system actors
-    small = loader_pass(cfg, plan, info)
-    large = loader_pass(cfg, plan, dataset_info(str(data2)))
-    loader = {"small": small, "large": large, "samples_per_second": large["samples_per_second"]}
-    if large["seconds"] > small["seconds"]:
-        loader["marginal_samples_per_second"] = (large["rows"] - small["rows"]) / (large["seconds"] - small["seconds"])
-        loader["fixed_seconds"] = max(small["seconds"] - small["rows"] / loader["marginal_samples_per_second"], 0.0)
-    else:  # noise larger than the work: fall back to the pass rate
-        loader["marginal_samples_per_second"], loader["fixed_seconds"] = large["samples_per_second"], float("nan")
-    log(f"[{name}]   {small['samples_per_second']:.1f} / {large['samples_per_second']:.1f} samples/s per pass; marginal "
-        f"{loader['marginal_samples_per_second']:.1f} samples/s, fixed {loader['fixed_seconds']:.1f} s per pass")
+    info2 = dataset_info(str(data2))
+    cache = cfg.data.cache_decoded if cfg.data.cache_decoded is not None else \
+        decoded_bytes(info2, plan.image_size) <= CACHE_LIMIT_BYTES
+    log(f"[{name}]   images {'decoded once and cached' if cache else 'decoded every pass'} (data.cache_decoded: auto)")
+    loader = measure_loader(name, cfg, plan, info, info2)
+    loader["cache_decoded"] = cache
+    if cache:  # the same passes decoding every epoch, as without the cache
+        log(f"[{name}]   the same with data.cache_decoded=false")
+        plain_cfg = train_config(name, data, root / f"train_{name}", device, ["data.cache_decoded=false"])
+        loader["decoded_every_pass"] = measure_loader(name, plain_cfg, plan, info, info2)
     log(f"[{name}] Ray Train (1 worker) and plain loop in turn: {blocks} blocks of {steps} steps of {cfg.batch_size} each")
     inter = interleaved(cfg, plan, batches, steps, blocks, device, root / "ray_train")
     plain_r, ray_r = rate(inter["plain_step_seconds"], cfg.batch_size), rate(inter["ray_step_seconds"], cfg.batch_size)
@@ -269,6 +301,8 @@ def run_model(name: str, args, data: Path, data2: Path, root: Path, device: str)
     out = {"model": name, "batch": cfg.batch_size, "steps_per_block": steps, "blocks": blocks, "rows": info.rows,
            "interleaved": inter, "plain": plain_r, "ray_train": ray_r, "plain_samples_per_second": plain, "loader": loader,
            "loader_ratio": loader["marginal_samples_per_second"] / plain, "loader_pass_ratio": loader["samples_per_second"] / plain,
+           "loader_ratio_decoded_every_pass": (loader["decoded_every_pass"]["marginal_samples_per_second"] / plain
+                                               if "decoded_every_pass" in loader else None),
            "ray_train_ratio": ray_r["median_samples_per_second"] / plain,
            # per block pair (adjacent in time): how far apart the sides are within one load regime
            "block_ratios": (np.median(np.reshape(inter["plain_step_seconds"], (blocks, -1)), 1)
@@ -321,6 +355,10 @@ def main() -> None:
                          "loader samples/s (marginal)": r["loader"]["marginal_samples_per_second"],
                          "loader fixed s/pass": r["loader"]["fixed_seconds"], "loader / step": r["loader_ratio"],
                          "one pass incl. start-up / step": r["loader_pass_ratio"],
+                         "cached decoded": r["loader"]["cache_decoded"],
+                         "decode s per 1000 rows (once)": r["loader"]["cache_fill_seconds_per_1000_rows"]
+                         if r["loader"]["cache_decoded"] else None,
+                         "loader / step, decoding every pass": r["loader_ratio_decoded_every_pass"],
                          "goal": f">= {GOAL_LOADER}", "status": "met" if r["loader_ratio"] >= GOAL_LOADER else "MISSED"})
     train_rows = []
     for name in names:
@@ -337,6 +375,11 @@ def main() -> None:
     notes = ["loader: passes over R and 2R rows on this machine's 2 cores (read, global shuffle, decode tasks at 1 CPU "
              "each); marginal = R / (t(2R) - t(R)), the rate once the fixed per-pass start-up is paid; step: 1 torch "
              "thread on in-memory batches; both sides measured in this run",
+             "cached decoded (data.cache_decoded: auto, on up to 1 GiB decoded): the images are decoded once at the "
+             "training size when the dataset is built (its time per 1000 rows is shown; a training run pays it once, "
+             "not every epoch), each pass then shuffles and augments; 'decoding every pass' is the same loader with "
+             "data.cache_decoded=false",
+             f"machine load (uptime) at the start: {' '.join(f'{x:.2f}' for x in info['loadavg_start'])}",
              "Ray Train / plain: 1-worker Ray Train and a plain loop (a thread of the driver) take turns block by block on "
              "the same in-memory batches; samples/s from each side's median step (other users' bursts hit single steps; "
              "the mean is shown beside)",

@@ -20,10 +20,13 @@ coordinates); :func:`warp` applies one with ``cv2.warpAffine`` (bilinear, black 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "ARCFACE_TEMPLATE", "ARCFACE_DST", "FACEVOLVE_REFERENCE_96x112", "arcface_template", "facevolve_reference", "umeyama",
@@ -212,8 +215,12 @@ def resize(images: np.ndarray | torch.Tensor, size: int | tuple[int, int] = 112)
     """Bilinear resize like ``F.interpolate(mode="bilinear", align_corners=False)`` (no antialias).
 
     Accepts a torch tensor [N, C, H, W] (returned as such) or numpy [H, W, C] / [N, H, W, C]; uint8
-    input is rounded back to uint8.
+    input is rounded back to uint8. torch is imported here, not with the module: synthesis workers that
+    never resize (the world generator's pipeline) start without it.
     """
+    import torch
+    import torch.nn.functional as F
+
     hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if isinstance(images, torch.Tensor):
         if images.dim() != 4:

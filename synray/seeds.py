@@ -6,8 +6,12 @@ dataset on one machine or a hundred, and a resumed run matches an uninterrupted 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 # Streams of one identity, kept apart so adding a feature never shifts another's draws.
 CONTEXT, PARTNER, SAMPLE = 0, 1, 2
@@ -29,6 +33,8 @@ def derive(*parts: int) -> int:
 
 
 def torch_generator(seed: int) -> torch.Generator:
+    import torch  # here, not with the module: numpy-only workers (world synthesis) never load torch
+
     g = torch.Generator(device="cpu")
     g.manual_seed(int(seed))
     return g

@@ -12,13 +12,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import golden_key, golden_keys
 
 from synray.align import (
-    arcface_template, cp2tform_matrix, estimate_norm, facevolve_reference, landmarks68_to_5, norm_crop,
-    resize, similarity_matrix, synface_crop, synface_matrix, umeyama, warp,
+    arcface_template,
+    cp2tform_matrix,
+    estimate_norm,
+    facevolve_reference,
+    landmarks68_to_5,
+    norm_crop,
+    resize,
+    similarity_matrix,
+    synface_crop,
+    synface_matrix,
+    umeyama,
+    warp,
 )
-
-from conftest import golden_key, golden_keys
 
 # Matrices are float64 estimates: spec §9 asks atol 1e-6 (they agree to the last bit here).
 MATRIX_ATOL = 1e-6

@@ -3,8 +3,8 @@
 import pytest
 
 from synray.config import ConfigError, load_config, redact, to_yaml
-from synray.jobs import load_job
 from synray.config.synth import SynthConfig
+from synray.jobs import load_job
 
 YAML = """
 kind: synth

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from synray.config import ConfigError, load_config
-from synray.jobs import load_job
 from synray.config.synth import SynthConfig
 from synray.config.train import TrainConfig
 from synray.io import lease as L
 from synray.io import shards, storage
 from synray.io.images import ImageDecodeError, encode_image
+from synray.jobs import load_job
 from synray.synthesis import contexts as C
 from synray.synthesis.fingerprint import content_hash
 from synray.synthesis.pipeline import run_local

@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from synray.jobs import load_job
 from synray.io import shards
 from synray.io.images import decode_image, encode_image
+from synray.jobs import load_job
 from synray.synthesis.pipeline import run_local
 
 ROOT = Path(__file__).resolve().parents[1]

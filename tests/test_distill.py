@@ -20,12 +20,16 @@ from faults import StopAfter
 from synray.config import ConfigError, load_config
 from synray.config.distill import DistillConfig
 from synray.distill.generators import (
-    GeneratorError, StyleGAN2Generator, WorldLatentGenerator, face_crops, load_stylegan2,
+    GeneratorError,
+    StyleGAN2Generator,
+    WorldLatentGenerator,
+    face_crops,
+    load_stylegan2,
 )
 from synray.distill.loop import Distiller, check, distill_loop
+from synray.distill.resample import crop_and_resize
 from synray.distill.teachers import BackboneTeacher, TeacherError, load_teacher
 from synray.models.inputs import model_input
-from synray.distill.resample import crop_and_resize
 from synray.training.runner import local_hooks
 
 ROOT = Path(__file__).resolve().parents[1]

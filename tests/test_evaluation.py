@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import golden_key, golden_keys
 from torch import nn
 
 from synray.cli import main
@@ -18,12 +19,15 @@ from synray.evaluation.evaluate import evaluate_bins, find_bins, format_table
 from synray.evaluation.identification import TINYFACE_RANKS, dir_far, rank_accuracy
 from synray.evaluation.ijb import FPR_TARGETS, auc, ijb_scores, roc_curve, tpr_at_fpr
 from synray.evaluation.verification import (
-    evaluate, fuse_flip, kfold, slinear_interp, synface_accuracy, synface_cosine,
+    evaluate,
+    fuse_flip,
+    kfold,
+    slinear_interp,
+    synface_accuracy,
+    synface_cosine,
 )
 from synray.models.inputs import embed, fit_images
 from synray.models.registry import build_backbone
-
-from conftest import golden_key, golden_keys
 
 torch.set_num_threads(1)
 

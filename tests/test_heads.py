@@ -12,13 +12,18 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import golden_key, golden_keys
 
 from synray.models.heads import (
-    AdaFace, ArcFace, CosFace, ElasticCosFace, SynFaceArcMargin, SynFaceCosMargin,
-    build_head, synface_mixup_loss,
+    AdaFace,
+    ArcFace,
+    CosFace,
+    ElasticCosFace,
+    SynFaceArcMargin,
+    SynFaceCosMargin,
+    build_head,
+    synface_mixup_loss,
 )
-
-from conftest import golden_key, golden_keys
 
 torch.set_num_threads(1)
 

@@ -9,7 +9,13 @@ import torch
 from torch import nn
 
 from synray.diffusion.schedule import linear_schedule, q_sample
-from synray.diffusion.training import EMA, context_dropout_mask, ldm_loss, reference_optimizer, training_step
+from synray.diffusion.training import (
+    EMA,
+    context_dropout_mask,
+    ldm_loss,
+    reference_optimizer,
+    training_step,
+)
 
 torch.set_num_threads(1)
 

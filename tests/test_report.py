@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from synray.evaluation import identity_stats as S
-from synray.evaluation.roc import (FAR_TARGETS, load_scores, pair_distances, roc_curve, save_scores, threshold_table)
+from synray.evaluation.roc import (
+    FAR_TARGETS,
+    load_scores,
+    pair_distances,
+    roc_curve,
+    save_scores,
+    threshold_table,
+)
 from synray.evaluation.roc_plots import roc_artifacts
 from synray.evaluation.verification import VAL_THRESHOLDS, calculate_val, evaluate
 from synray.export import finish_rec, plan_export, write_part

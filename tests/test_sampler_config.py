@@ -157,8 +157,8 @@ def world_ldm():
 
 
 def test_synthesis_generator_samples_with_its_sampler_block(world_ldm):
-    from synray.synthesis.generators import LDMGenerator, to_uint8
     from synray.seeds import sample_seed, torch_generator
+    from synray.synthesis.generators import LDMGenerator, to_uint8
 
     g = world_ldm["generator"]
 

@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from conftest import golden_key, golden_unet
 
 from synray.diffusion.ddim import (
     ddim_alpha_bars,
@@ -28,9 +29,11 @@ from synray.diffusion.ddpm import ddpm_sample, ddpm_step
 from synray.diffusion.dpm_solver import dpmpp_2m_sample, dpmpp_timesteps
 from synray.diffusion.sampling import METHODS, sample
 from synray.diffusion.schedule import BUFFER_NAMES, DiffusionSchedule, linear_schedule
-from synray.diffusion.uiface import aggregate_cross_attention, attention_change, uiface_sample
-
-from conftest import golden_key, golden_unet
+from synray.diffusion.uiface import (
+    aggregate_cross_attention,
+    attention_change,
+    uiface_sample,
+)
 
 torch.set_num_threads(1)
 

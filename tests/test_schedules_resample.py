@@ -11,16 +11,26 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import golden_key, golden_keys
 
 from synray.distill.resample import (
-    crop_and_resize, crop_geometry, kd_loss, kd_metrics, resample_latents, resampling_weights,
+    crop_and_resize,
+    crop_geometry,
+    kd_loss,
+    kd_metrics,
+    resample_latents,
+    resampling_weights,
 )
 from synray.training.schedules import (
-    PolynomialLRWarmup, PolyScheduler, elasticface_multiplier, elasticface_scheduler, poly_lr,
-    polynomial_lr_warmup, step_lr, tface_lr,
+    PolynomialLRWarmup,
+    PolyScheduler,
+    elasticface_multiplier,
+    elasticface_scheduler,
+    poly_lr,
+    polynomial_lr_warmup,
+    step_lr,
+    tface_lr,
 )
-
-from conftest import golden_key, golden_keys
 
 torch.set_num_threads(1)
 

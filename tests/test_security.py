@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from synray.config import ConfigError, load_config
-from synray.config.synth import SynthConfig
 from synray.config.sweep import SweepConfig
+from synray.config.synth import SynthConfig
 from synray.evaluation.binset import BinSetError, read_bin, write_bin
 from synray.io import storage
 from synray.io.images import encode_image
@@ -137,10 +137,10 @@ def test_bin_with_wrong_layout_is_a_clear_error(tmp_path):
 
 
 def test_torch_lower_bound_closes_the_weights_only_bypass():
+    import tomllib
+
     from packaging.requirements import Requirement
     from packaging.version import Version
-
-    import tomllib
 
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     torch = next(Requirement(d) for d in deps if Requirement(d).name == "torch")
@@ -279,7 +279,12 @@ def _sweep_cfg(tmp_path, *extra: str) -> SweepConfig:
 
 
 def test_sweep_best_config_and_parent_run_file_hold_no_secret(tmp_path, mlflow_server):
-    from synray.tuning.sweep import PARENT_FILE, best_config_yaml, load_target, tracking_run
+    from synray.tuning.sweep import (
+        PARENT_FILE,
+        best_config_yaml,
+        load_target,
+        tracking_run,
+    )
 
     port = mlflow_server.rsplit(":", 1)[1]
     tracking = f"http://synray:hunter2%2FUs3r@127.0.0.1:{port}"  # basic-auth userinfo (the server ignores it)
@@ -323,7 +328,14 @@ class _TouchOnLoad:
 
 
 def test_sweep_refuses_to_restore_a_foreign_experiment(tmp_path):
-    from synray.tuning.sweep import OWNER_FILE, check, check_owner_marker, load_target, sweep_identity, write_owner_marker
+    from synray.tuning.sweep import (
+        OWNER_FILE,
+        check,
+        check_owner_marker,
+        load_target,
+        sweep_identity,
+        write_owner_marker,
+    )
 
     cfg = _sweep_cfg(tmp_path)
     exp = tmp_path / "sweeps" / cfg.name

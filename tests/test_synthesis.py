@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from synray.config import ConfigError, load_config
-from synray.jobs import load_job
 from synray.config.synth import SynthConfig
 from synray.io import shards
 from synray.io.images import decode_image
+from synray.jobs import load_job
 from synray.synthesis import contexts as C
 from synray.synthesis.pipeline import check_config, run_local, run_synthesis, units_of
 
@@ -148,8 +148,8 @@ def test_recipe_end_to_end_through_ray(ray_session, tiny_assets, tmp_path, name)
 def test_landmark_alignment_on_a_real_photo():
     pytest.importorskip("retinaface")
     skdata = pytest.importorskip("skimage.data")
-    from synray.synthesis.detectors import RetinaFaceDetector, align_faces
     from synray.align import arcface_template, estimate_norm
+    from synray.synthesis.detectors import RetinaFaceDetector, align_faces
 
     img = skdata.astronaut()
     det = RetinaFaceDetector()

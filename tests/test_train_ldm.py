@@ -143,8 +143,8 @@ def test_architecture_checked_with_the_real_context_width():
 
 
 def test_fitted_first_stage_reconstructs_and_quantises(faces):
-    from synray.models.vq import VQConfig
     from synray.ldm.data import load_images
+    from synray.models.vq import VQConfig
 
     cfg = ldm_cfg(faces, "x", contexts={"source": "file", "path": "c.npy"})
     items = list_images(cfg)
@@ -161,8 +161,12 @@ def test_fitted_first_stage_reconstructs_and_quantises(faces):
 # --- training, checkpoints, resume ----------------------------------------------------------------
 
 def test_local_training_writes_the_published_layout_and_resumes(faces, tmp_path, world_teacher, reference):
-    from synray.models.ldm_checkpoint import infer_unet_config, load_unet, normalize_unet_state
     from synray.models.checkpoint import read_checkpoint
+    from synray.models.ldm_checkpoint import (
+        infer_unet_config,
+        load_unet,
+        normalize_unet_state,
+    )
 
     cfg = ldm_cfg(faces, tmp_path / "out", world_teacher)
     info = prepare_latents(cfg, use_ray=False)
@@ -208,11 +212,10 @@ def test_train_ldm_on_ray_then_synthesize(ray_session, world_teacher, tmp_path):
     """World shards -> ``synray train-ldm`` (UIFace flavour, 2 DDP workers, Ray tasks encode) -> resume -> ``synth``."""
     import mlflow
 
-    from synray.jobs import load_job
     from synray.io import shards
     from synray.io.images import decode_image
+    from synray.jobs import load_job, run_job
     from synray.synthesis.pipeline import run_local
-    from synray.jobs import run_job
 
     world = load_job(ROOT / "conf/synth/world.yaml", [
         f"output.uri={tmp_path}/world", "identities.count=6", "identities.unit_size=3",

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from faults import CrashOnce
 
 from synray.config.base import load_config

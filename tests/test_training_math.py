@@ -15,23 +15,39 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import golden_key, golden_keys
 
 from synray.config.base import ConfigError, load_config
-from synray.jobs import load_job
 from synray.config.train import TrainConfig
 from synray.io.images import encode_image
+from synray.jobs import load_job
 from synray.models.cfsm import CFSMGenerator
 from synray.models.heads import SynFaceArcMargin, build_head, synface_mixup_loss
 from synray.training.cfsm_aug import adversarial_styles, real_synth_indices
-from synray.training.checkpointing import CheckpointReader, TrainingMeta, assemble_centres
-from synray.training.data import decode_augment, labels_for, random_resized_crop, repeat_rows, rrc_params
+from synray.training.checkpointing import (
+    CheckpointReader,
+    TrainingMeta,
+    assemble_centres,
+)
+from synray.training.data import (
+    augment_decoded,
+    decode_augment,
+    labels_for,
+    random_resized_crop,
+    repeat_rows,
+    rrc_params,
+)
+from synray.training.learner import Learner, TrainPlan, learning_rate
 from synray.training.mixup import (
-    SYNFACE_LAMBDAS, Target, mix_images, mixed_logits, sample_lambda, soft_cross_entropy, synface_targets,
+    SYNFACE_LAMBDAS,
+    Target,
+    mix_images,
+    mixed_logits,
+    sample_lambda,
+    soft_cross_entropy,
+    synface_targets,
 )
 from synray.training.partial_fc import ShardedClassifier, class_split, sample_centres
-from synray.training.learner import Learner, TrainPlan, learning_rate
-
-from conftest import golden_key, golden_keys
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -314,6 +330,12 @@ def test_decode_augment_shapes_and_labels():
     # SynFace lists its few real images repeatedly: each copy is decoded and augmented on its own
     rep = repeat_rows(batch, 3)
     assert len(rep["image"]) == 18 and rep["identity"].tolist() == batch["identity"].tolist() * 3
+    # decoded once and cached (data.cache_decoded), then augmented each epoch: the same rows as decoding each epoch
+    aug = {"flip": True, "rrc_prob": 0.5}
+    cached = augment_decoded(decode_augment(batch, image_size=(32, 32), ids=ids, soft_labels=True), augment=aug, seed=3)
+    fresh = decode_augment(batch, image_size=(32, 32), ids=ids, soft_labels=True, augment=aug, seed=3)
+    assert cached.keys() == fresh.keys() and all(np.array_equal(cached[k], fresh[k]) for k in fresh)
+    assert not np.array_equal(cached["image"], decode_augment(batch, image_size=(32, 32), ids=ids)["image"])
 
 
 def test_random_resized_crop_geometry():

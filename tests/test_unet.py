@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from conftest import golden_unet, golden_unet_config
 
 from synray.models.checkpoint import CheckpointError, check_state_dict
 from synray.models.ldm_checkpoint import (
@@ -20,8 +21,6 @@ from synray.models.ldm_checkpoint import (
     save_unet_checkpoint,
 )
 from synray.models.unet import FLAVOURS, ConditionalUNet, UNetConfig
-
-from conftest import golden_unet, golden_unet_config
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 

@@ -8,9 +8,15 @@ import cv2
 import numpy as np
 import pytest
 
-from synray.evaluation.binset import read_bin
-from synray.world.factors import RANGES, NuisanceFactors, identity_factors, nuisance_factors, perturb_identity
 from synray.align import ARCFACE_TEMPLATE, similarity_matrix
+from synray.evaluation.binset import read_bin
+from synray.world.factors import (
+    RANGES,
+    NuisanceFactors,
+    identity_factors,
+    nuisance_factors,
+    perturb_identity,
+)
 from synray.world.render import render_face
 from synray.world.world import BIN_SETS, HELDOUT_OFFSET, World
 

@@ -101,6 +101,10 @@ class DistillConfig(JobConfig):
         if bad:
             raise ValueError(f"batch_size {self.batch_size} must be divisible by scaling.num_workers "
                              f"(every worker count it allows: {bad} do not divide it)")
+        sc = self.scaling
+        if sc.precision not in ("auto", "fp32") or sc.amp or sc.channels_last or sc.compile:
+            raise ValueError("scaling.precision, amp, channels_last and compile apply to train and train-ldm; "
+                             "distillation runs in float32")
         if self.teacher != "dlib" and not self.teacher.strip():
             raise ValueError("teacher must be 'dlib', '<registry name>:<checkpoint>' or a synray checkpoint path")
         return self

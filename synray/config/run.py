@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
 
 from synray.config.base import StrictModel
 from synray.config.paths import URI
+
+#: numeric precision of a model's forward (and backward) pass: ``auto`` is bf16 on a CUDA device that has it,
+#: fp16 on other CUDA devices and fp32 on CPU (see :mod:`synray.models.precision`)
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 class ScalingConfig(StrictModel):
@@ -16,8 +22,29 @@ class ScalingConfig(StrictModel):
     cpus_per_worker: float = Field(1.0, gt=0.0)
     #: extra custom resources per worker, e.g. ``{gpu_node: 1}`` to place one worker per node of a type
     resources: dict[str, float] = {}
-    amp: bool | None = None  # mixed precision; default on with GPUs
+    #: autocast dtype of the training step: auto = bf16 on CUDA with bf16 (fp16 + loss scaling on older GPUs), fp32 on CPU
+    precision: Precision = "auto"
+    #: the older switch: false = fp32, true = mixed precision (auto on CUDA, bf16 on CPU); set one or the other
+    amp: bool | None = None
+    #: NHWC activations and weights (None: on for CUDA, where convolutions with BatchNorm gain; off on CPU)
+    channels_last: bool | None = None
+    #: ``torch.compile`` the model of the step (first steps slower while it compiles)
+    compile: bool = False
     torch_threads: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_precision_switch(self) -> ScalingConfig:
+        if self.amp is not None and self.precision != "auto":
+            raise ValueError("scaling.amp and scaling.precision both set: keep scaling.precision only "
+                             "(amp: false is precision: fp32)")
+        return self
+
+    @property
+    def precision_setting(self) -> str:
+        """``precision`` with the older ``amp`` switch folded in: ``mixed`` = auto on CUDA, bf16 on CPU."""
+        if self.amp is None:
+            return self.precision
+        return "mixed" if self.amp else "fp32"
 
     @field_validator("num_workers")
     @classmethod

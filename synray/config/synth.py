@@ -3,14 +3,31 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    PlainValidator,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from synray.config.base import JobConfig, OutputConfig, StrictModel
 from synray.config.paths import URI, ModelRef
+from synray.config.run import Precision
 from synray.config.sampler import DDIMSampler, SamplerConfig
 from synray.synthesis.registry import generator_entry
+
+
+def _batch_size(value: Any) -> int | str:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise ValueError("a batch size is an integer >= 1 or 'auto'")
+
+
+#: images per batch, or ``auto``
+BatchSize = Annotated[int | Literal["auto"], PlainValidator(_batch_size)]
 
 
 class IdentitiesConfig(StrictModel):
@@ -63,7 +80,14 @@ class GeneratorConfig(StrictModel):
     latent_shape: tuple[int, int, int] = (3, 32, 32)
     sampler: SamplerConfig = DDIMSampler()  # ADMIS's DDIM-50 (see synray.config.sampler)
     images_per_identity: int = Field(50, ge=1)
-    batch_size: int = Field(50, ge=1)
+    #: images per sampler batch; ``auto``: 50 on CPU (the references' batch), on a GPU the most that fit (<= 1024)
+    batch_size: BatchSize = "auto"
+    #: UNet, guidance and VQ decode under autocast: auto = bf16 on CUDA (fp16 without bf16), fp32 on CPU
+    precision: Precision = "auto"
+    #: NHWC activations (None: off; the UNet and decoder are GroupNorm-heavy, ``benchmarks/gpu.py`` measures both)
+    channels_last: bool | None = None
+    #: ``torch.compile`` the UNet and the decoder (once per actor; the first batches wait for it)
+    compile: bool = False
     num_gpus: float = Field(0.0, ge=0.0)
     num_cpus: float = Field(1.0, gt=0.0)
     min_actors: int = Field(1, ge=1)

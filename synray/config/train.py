@@ -63,6 +63,9 @@ class DataConfig(StrictModel):
     decode_batch_size: int = Field(256, ge=1)
     decode_num_cpus: float = Field(1.0, gt=0.0)
     prefetch_batches: int = Field(2, ge=0)
+    #: decode the images once, at the training size, and keep them (Ray's object store); every epoch then only
+    #: shuffles and augments. None: when the decoded set is at most 1 GiB (``synray.training.data.CACHE_LIMIT_BYTES``)
+    cache_decoded: bool | None = None
     #: train on a dataset without its completion marker or whose manifest disagrees with its shards
     allow_incomplete: bool = False
 

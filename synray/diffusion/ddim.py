@@ -123,9 +123,17 @@ def gaussian_noise(x: Tensor, generator: Generators) -> Tensor:
         if len(generator) != x.shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
         draws = [torch.randn(tuple(x.shape[1:]), generator=g, device=g.device) for g in generator]
-        return torch.stack(draws).to(x)
+        return to_device(torch.stack(draws), x)
     device = generator.device if generator is not None else torch.device("cpu")
-    return torch.randn(tuple(x.shape), generator=generator, device=device).to(x)
+    return to_device(torch.randn(tuple(x.shape), generator=generator, device=device), x)
+
+
+def to_device(t: Tensor, like: Tensor) -> Tensor:
+    """``t.to(like)``; a CPU tensor bound for a GPU goes through pinned memory without blocking, so drawing the
+    noise on the CPU never waits for the GPU to finish the steps already queued (a pageable copy would)."""
+    if t.device.type == "cpu" and like.device.type == "cuda":
+        return t.pin_memory().to(like.device, like.dtype, non_blocking=True)
+    return t.to(like)
 
 
 # ----------------------------------------------------------------------------------------------

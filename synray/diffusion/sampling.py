@@ -103,6 +103,6 @@ def sample(
     from torch's global RNG. Deterministic samplers never draw. `schedule` defaults to the linear one.
     """
     cfg = sampler_config(cfg)
-    if isinstance(model, nn.Module) and model.training:
+    if (isinstance(model, nn.Module) or hasattr(model, "training")) and model.training:
         raise ValueError("model is in train mode (CPD dropout would be active while sampling); call model.eval() first")
     return _RUN[cfg.method](cfg, model, x_T, context, generator, schedule or linear_schedule())

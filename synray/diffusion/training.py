@@ -20,6 +20,7 @@ buffer stays 0 and its "averaged" weights are a plain copy of the live weights a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 
@@ -58,7 +59,7 @@ def ldm_loss(
         eps = torch.randn_like(x0)
     x_t = q_sample(schedule, x0, t, eps)
     kwargs = {} if dropout_mask is None else {"dropout_mask": dropout_mask}
-    return F.mse_loss(model(x_t, t, context=context, **kwargs), eps)
+    return F.mse_loss(model(x_t, t, context=context, **kwargs).float(), eps)  # float32 loss under autocast too
 
 
 def context_dropout_mask(
@@ -80,10 +81,12 @@ def context_dropout_mask(
 
 
 def reference_optimizer(
-    model: nn.Module, lr: float = 1e-4, restart_period: int = 10_000, restart_mult: int = 2
+    model: nn.Module, lr: float = 1e-4, restart_period: int = 10_000, restart_mult: int = 2, fused: bool = False
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """Adam(lr 1e-4, default betas, no weight decay) + CosineAnnealingWarmRestarts(10k, x2), stepped per iteration."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    """Adam(lr 1e-4, default betas, no weight decay) + CosineAnnealingWarmRestarts(10k, x2), stepped per iteration.
+
+    ``fused``: one kernel for all parameters (CUDA), the same update up to rounding."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr, **({"fused": True} if fused else {}))
     sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=restart_period, T_mult=restart_mult)
     return opt, sched
 
@@ -164,13 +167,25 @@ def training_step(
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     generator: torch.Generator | None = None,
     dropout_mask: Tensor | None = None,
+    precision: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> float:
-    """One optimiser step of the LDM objective in train mode (so CPD / uncond20 are active), then LR and EMA."""
+    """One optimiser step of the LDM objective in train mode (so CPD / uncond20 are active), then LR and EMA.
+
+    ``precision``: the forward under autocast in that dtype (None: float32); ``scaler`` scales the loss
+    (fp16). The loss itself is float32 either way.
+    """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss = ldm_loss(model, x0, context, schedule=schedule, generator=generator, dropout_mask=dropout_mask)
-    loss.backward()
-    optimizer.step()
+    with contextlib.nullcontext() if precision is None else torch.autocast(x0.device.type, dtype=precision):
+        loss = ldm_loss(model, x0, context, schedule=schedule, generator=generator, dropout_mask=dropout_mask)
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
     if lr_scheduler is not None:
         lr_scheduler.step()
     if ema is not None:

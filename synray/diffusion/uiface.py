@@ -65,7 +65,7 @@ def aggregate_cross_attention(
         side = math.isqrt(hw)
         if side * side != hw:
             raise ValueError(f"cross-attention logits have a non-square number of positions ({hw})")
-        a = logits.reshape(batch_size, -1, hw, k)
+        a = logits.float().reshape(batch_size, -1, hw, k)  # logits of a low-precision pass: the map in float32
         a = torch.softmax(a, dim=-2).mean(dim=-1).mean(dim=1)  # [B, HW]
         a = a / a.max(dim=1, keepdim=True)[0]
         a = F.interpolate(a.reshape(batch_size, 1, side, side), size=(size, size), mode="bilinear",
@@ -148,7 +148,7 @@ def uiface_sample(
     skip = schedule.T // steps
     batch = x_T.shape[0]
     flag = torch.zeros(batch, dtype=torch.bool, device=x_T.device)
-    switched_at = torch.full((batch,), -1, dtype=torch.long)
+    switched_at = torch.full((batch,), -1, dtype=torch.long, device=x_T.device)  # on the device: no host sync per step
     result = UIFaceResult(x=x_T, timesteps=timesteps, stage=[])
     prev_map: Tensor | None = None
     last_map: Tensor | None = None
@@ -181,7 +181,7 @@ def uiface_sample(
                 change = attention_change(prev_map, last_map)
                 result.criterion.append(change)
                 switch = (change.to(flag.device) < mse_th) & ~flag
-                switched_at[switch.cpu()] = t
+                switched_at = torch.where(switch, torch.full_like(switched_at, t), switched_at)
                 flag = flag | switch
             prev_map = last_map
         ab_t, ab_prev = ddim_alpha_bars(schedule, t, skip, mode)

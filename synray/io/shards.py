@@ -115,18 +115,18 @@ def build_table(columns: Mapping[str, Any], metadata: Mapping[str, Any] | None =
     defaults = {"quality": np.full(n, np.nan, np.float32), "identity_b": np.full(n, -1, np.int64),
                 "mix_weight": np.ones(n, np.float32)}
     arrays = []
-    for field in SHARD_SCHEMA:
-        values = columns.get(field.name, defaults.get(field.name))
-        if field.name == "kind":
+    for col in SHARD_SCHEMA:
+        values = columns.get(col.name, defaults.get(col.name))
+        if col.name == "kind":
             bad = set(map(str, values)) - set(KINDS)
             if bad:
                 raise ShardError(f"unknown kind(s) {sorted(bad)}; expected one of {KINDS}")
             values = [str(v) for v in values]
-        elif field.name == "image":
+        elif col.name == "image":
             values = [bytes(v) for v in values]
-        arr = pa.array(values, type=field.type)
+        arr = pa.array(values, type=col.type)
         if len(arr) != n:
-            raise ShardError(f"column '{field.name}' has {len(arr)} rows, 'identity' has {n}")
+            raise ShardError(f"column '{col.name}' has {len(arr)} rows, 'identity' has {n}")
         arrays.append(arr)
     meta = {f"{META_PREFIX}schema_version": str(SCHEMA_VERSION)}
     for k, v in (metadata or {}).items():

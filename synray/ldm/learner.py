@@ -33,6 +33,13 @@ from synray.ldm.encode import LatentsInfo
 from synray.ldm.first_stage import DECODER_FILE, ENCODER_FILE, VQ_CONFIG_FILE
 from synray.models.checkpoint import load_strict
 from synray.models.ldm_checkpoint import normalize_unet_state, save_unet_checkpoint
+from synray.models.precision import (
+    maybe_compile,
+    needs_loss_scaling,
+    resolve_precision,
+    to_channels_last,
+    use_channels_last,
+)
 from synray.models.unet import ConditionalUNet, UNetConfig
 from synray.seeds import derive
 from synray.training.checkpointing import CheckpointReader
@@ -66,11 +73,16 @@ class LDMLearner:
         self.cfg, self.info, self.rank, self.world_size = cfg, info, rank, world_size
         self.device = torch.device(device)
         self.unet_config = unet_config(cfg, info.context_dim)
+        sc = cfg.scaling
+        self.precision = resolve_precision(sc.precision_setting, self.device)
+        self.channels_last = use_channels_last(sc.channels_last, self.device, default_on_cuda=False)  # GroupNorm UNet
         torch.manual_seed(cfg.seed)
-        self.module = ConditionalUNet(self.unet_config).to(self.device)
-        self.model = wrap(self.module) if wrap is not None else self.module
+        self.module = to_channels_last(ConditionalUNet(self.unet_config).to(self.device), self.channels_last)
+        self.model = maybe_compile(wrap(self.module) if wrap is not None else self.module, sc.compile)
         t = cfg.training
-        self.optimizer, self.scheduler = reference_optimizer(self.module, t.lr, t.restart_period, t.restart_mult)
+        self.optimizer, self.scheduler = reference_optimizer(self.module, t.lr, t.restart_period, t.restart_mult,
+                                                             fused=self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_loss_scaling(self.precision))
         e = t.ema
         self.ema = EMA(self.module, inv_gamma=e.inv_gamma, power=e.power, max_decay=e.max_decay,
                        reference_compat=e.reference_compat)
@@ -87,8 +99,12 @@ class LDMLearner:
         if self.cfg.training.flip:
             flip = torch.rand(x0.shape[0], generator=gen) < 0.5
             x0 = torch.where(flip[:, None, None, None], torch.from_numpy(lat_f), x0)
-        loss = training_step(self.model, self.optimizer, x0.to(self.device), torch.from_numpy(ctx).to(self.device),
-                             schedule=self.schedule, lr_scheduler=self.scheduler, generator=gen)
+        x0 = x0.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        loss = training_step(self.model, self.optimizer, x0, torch.from_numpy(ctx).to(self.device, non_blocking=True),
+                             schedule=self.schedule, lr_scheduler=self.scheduler, generator=gen,
+                             precision=self.precision, scaler=self.scaler)
         self.ema.update(self.module, self.step_count)
         self.step_count += 1
         return loss
@@ -98,7 +114,8 @@ class LDMLearner:
         save_unet_checkpoint(self.module, os.path.join(directory, MODEL_FILE), linear_schedule())
         save_unet_checkpoint(self.ema.averaged_model, os.path.join(directory, EMA_FILE), linear_schedule())
         torch.save({"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.scheduler.state_dict(),
-                    "ema_step": self.ema.optimization_step, "global_step": self.step_count},
+                    "ema_step": self.ema.optimization_step, "global_step": self.step_count,
+                    "scaler": self.scaler.state_dict()},
                    os.path.join(directory, OPT_FILE))
         for name in (ENCODER_FILE, DECODER_FILE, VQ_CONFIG_FILE):
             with open(os.path.join(directory, name), "wb") as fh:
@@ -114,6 +131,8 @@ class LDMLearner:
         opt = reader.load(OPT_FILE)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["lr_scheduler"])
+        if opt.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(opt["scaler"])
         self.ema.optimization_step = int(opt["ema_step"])
         self.step_count = int(opt["global_step"])
         return json.loads(reader.read_bytes(META_FILE))

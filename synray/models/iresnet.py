@@ -23,6 +23,7 @@ so any ``input_size`` works; it only fixes the ``fc`` input width (channels x ce
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -195,7 +196,9 @@ class IResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_image_batch(x, 3, self.input_size, type(self).__name__)
-        with torch.autocast(device_type=x.device.type, enabled=self.fp16):
+        # fp16: the trunk under autocast, as arcface_torch runs it; otherwise whatever precision the caller set
+        # (an ``enabled=False`` here would switch off the caller's autocast for the trunk)
+        with torch.autocast(device_type=x.device.type) if self.fp16 else nullcontext():
             x = self.prelu(self.bn1(self.conv1(x)))
             x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
             x = self.bn2(x)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -256,15 +257,17 @@ class VectorQuantizer(nn.Module):
         _check_image("z", z, self.embedding.embedding_dim, 1)
         b, d, hh, ww = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, d)
-        # Distances in at least float32, in row chunks: at batch 50 the full [N, 8192] matrix is 1.6 GB.
+        # Distances in at least float32 (autocast off: a bf16 matmul would pick other codes), in row chunks:
+        # at batch 50 the full [N, 8192] matrix is 1.6 GB.
         cd = torch.promote_types(flat.dtype, torch.float32)
-        codes = self.embedding.weight.to(cd)
-        code_sq = (codes ** 2).sum(dim=1)
         idx = torch.empty(flat.shape[0], dtype=torch.long, device=z.device)
-        for s in range(0, flat.shape[0], chunk):
-            f = flat[s:s + chunk].to(cd)
-            dist = (f ** 2).sum(dim=1, keepdim=True) + code_sq - 2 * (f @ codes.t())
-            idx[s:s + chunk] = dist.argmin(dim=1)
+        with torch.autocast(z.device.type, enabled=False) if z.device.type in ("cpu", "cuda") else nullcontext():
+            codes = self.embedding.weight.to(cd)
+            code_sq = (codes ** 2).sum(dim=1)
+            for s in range(0, flat.shape[0], chunk):
+                f = flat[s:s + chunk].to(cd)
+                dist = (f ** 2).sum(dim=1, keepdim=True) + code_sq - 2 * (f @ codes.t())
+                idx[s:s + chunk] = dist.argmin(dim=1)
         zq = self.embedding(idx).to(z.dtype).reshape(b, hh, ww, d).permute(0, 3, 1, 2)
         # Straight-through estimator, as in the reference.
         zq = z + (zq - z).detach()

@@ -22,7 +22,8 @@ __all__ = ["NON_CONTENT", "IMAGE_EXTENSIONS", "input_files", "file_digest", "con
 
 #: fields that change how fast a dataset is made, never what it contains
 NON_CONTENT = {"name": True, "output": True, "tracking": True, "ray": True, "local": True,
-               "generator": {"batch_size", "num_gpus", "num_cpus", "min_actors", "max_actors"},
+               "generator": {"batch_size", "num_gpus", "num_cpus", "min_actors", "max_actors", "precision",
+                             "channels_last", "compile"},
                "alignment": {"num_cpus"}}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 _DIGESTS: dict[tuple[str, int, int | None], str] = {}

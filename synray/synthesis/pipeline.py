@@ -11,6 +11,7 @@ unreadable ones, and refuses shards of another config. The manifest, the dataset
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -19,19 +20,16 @@ from typing import Any
 
 import numpy as np
 
-from synray.align import resize
 from synray.config import ConfigError, to_yaml
 from synray.config.synth import SynthConfig
 from synray.errors import UserError
 from synray.io import shards, storage
-from synray.io.images import decode_image
 from synray.io.lease import OutputLease, acquire_lease
 from synray.io.sources import open_source
 from synray.jobs import JobContext, Need, Outcome
 from synray.plots import dataset_grid, encode_png
 from synray.progress import JobProgress
 from synray.runtime import is_quiet
-from synray.synthesis import contexts as C
 from synray.synthesis.card import dataset_card
 from synray.synthesis.fingerprint import content_hash, file_digest, input_files
 from synray.synthesis.stages import (
@@ -41,20 +39,20 @@ from synray.synthesis.stages import (
     GenerateStage,
     WriteStage,
 )
-from synray.world.world import World
+from synray.synthesis.units import (  # noqa: F401 - the unit helpers, named here too
+    CONTEXT_FACE_SAMPLE,
+    base_task,
+    context_faces,
+    needs_base,
+    rows_batch,
+    unit_identities,
+    unit_range,
+    unit_row,
+    unit_rows,
+    units_of,
+)
 
 log = logging.getLogger(__name__)
-
-CONTEXT_FACE_SAMPLE = 10**6  # world sample index reserved for an identity's context face
-
-
-def units_of(cfg: SynthConfig) -> dict[int, np.ndarray]:
-    """Fixed work units: unit u holds identities ``start + u*size .. start + (u+1)*size - 1``."""
-    ids = np.arange(cfg.identities.start, cfg.identities.start + cfg.identities.count, dtype=np.int64)
-    size = cfg.identities.unit_size
-    first = cfg.identities.start // size
-    return {first + k: ids[k * size:(k + 1) * size] for k in range((len(ids) + size - 1) // size)}
-
 
 def check_config(cfg: SynthConfig) -> None:
     """Cross-section checks a schema cannot express; raises ValueError naming the keys."""
@@ -76,68 +74,13 @@ def check_config(cfg: SynthConfig) -> None:
             raise ValueError(f"{key}: {path} does not exist")
 
 
-def _base_contexts(cfg: SynthConfig, all_ids: np.ndarray) -> np.ndarray:
-    c = cfg.contexts
-    if c.source == "embeddings_file":
-        return C.from_table(C.load_embeddings(c.path), all_ids, c.dim, c.path)
-    if c.separation.max_cosine is not None:
-        return C.separated_gaussian(cfg.seed, all_ids, c.dim, c.separation.max_cosine, c.separation.max_tries)
-    return C.gaussian(cfg.seed, all_ids, c.dim)
-
-
-def context_faces(cfg: SynthConfig, ids: np.ndarray) -> np.ndarray:
-    """Context face images: the i-th image of ``contexts.path`` (sorted) or the world's render of i."""
-    size = tuple(cfg.alignment.size)
-    if cfg.contexts.path:
-        names = sorted(f for f in os.listdir(cfg.contexts.path) if f.lower().endswith((".png", ".jpg", ".jpeg")))
-        if len(ids) and int(ids.max()) >= len(names):
-            raise C.ContextError(f"contexts.path {cfg.contexts.path} has {len(names)} images; identity {int(ids.max())} requested")
-        faces = []
-        for i in ids:
-            p = os.path.join(cfg.contexts.path, names[int(i)])
-            with open(p, "rb") as fh:
-                faces.append(decode_image(fh.read(), p))
-        return np.stack([resize(f, size) for f in faces])
-
-    world = World(seed=cfg.seed, num_identities=int(ids.max()) + 1 if len(ids) else 1,
-                  difficulty=cfg.generator.world_difficulty)
-    return np.stack([world.render(int(i), CONTEXT_FACE_SAMPLE) for i in ids])
-
-
-def unit_rows(cfg: SynthConfig, units: dict[int, np.ndarray], only: list[int]) -> list[dict[str, Any]]:
-    """The input rows for the pending units: identities, contexts, soft labels (and context faces)."""
-    all_ids = np.concatenate(list(units.values()))
-    src = cfg.contexts.source
-    if src == "face_embeddings":
-        base = np.zeros((len(all_ids), cfg.contexts.dim), np.float32)  # filled by ContextFaceStage
-    else:
-        base = _base_contexts(cfg, all_ids)
-    index = {int(i): n for n, i in enumerate(all_ids)}
-    rows = []
-    for u in only:
-        ids = units[u]
-        if src == "mixup":
-            mixed = C.mixup(cfg.seed, ids, all_ids, base, cfg.contexts.mixup.phi)
-            ctx, partner, weight = mixed.vectors, mixed.partner, mixed.weight
-        else:
-            ctx = base[[index[int(i)] for i in ids]]
-            partner, weight = np.full(len(ids), -1, np.int64), np.ones(len(ids), np.float32)
-        if src != "face_embeddings":  # those are checked where the embedder computes them
-            C.check_rows(ctx, ids, f"contexts ({src})")
-        row = {"unit": np.int64(u), "ids": ids, "contexts": ctx.astype(np.float32), "partner": partner, "weight": weight}
-        if src == "face_embeddings":
-            row["context_faces"] = context_faces(cfg, ids)
-        rows.append(row)
-    return rows
-
-
 @dataclass
 class Prepared:
     """What :func:`prepare` found in the output folder."""
 
     uri: str
     pending: list[int]
-    units: dict[int, np.ndarray]
+    units: range  # every unit of the run (:func:`unit_range`)
     meta: dict[str, Any]
     rewritten: list[str]
     removed_temp: list[str]
@@ -158,13 +101,13 @@ def prepare(cfg: SynthConfig) -> Prepared:
             f"{uri} holds a dataset in synray's previous layout (shards and manifest.json at the root); it stays"
             f" readable for training, but new shards go to {shards.DATA_DIR}/: write to a new output.uri"
         )
-    units = units_of(cfg)
+    units = unit_range(cfg)
     chash = content_hash(cfg)
     removed = shards.remove_temp_files(uri)
     for t in removed:
         log.warning("removed %s, the temp file of a killed writer", t)
     done = shards.list_shards(uri)
-    stray = sorted(set(done) - set(units))
+    stray = sorted(u for u in done if u not in units)
     if stray:
         raise shards.ShardError(f"{uri} holds shards for units {stray[:5]} outside identities.start/count")
     _, errors = shards.read_footers(done, chash, on_error="collect")
@@ -189,7 +132,7 @@ def prepare(cfg: SynthConfig) -> Prepared:
     return Prepared(uri, pending, units, meta, rewritten, removed)
 
 
-def prepare_output(cfg: SynthConfig) -> tuple[str, list[int], dict[int, np.ndarray], dict[str, Any]]:
+def prepare_output(cfg: SynthConfig) -> tuple[str, list[int], range, dict[str, Any]]:
     """:func:`prepare` as ``(uri, pending units, all units, shard metadata)``; hold the lease (:func:`open_output`)."""
     p = prepare(cfg)
     return p.uri, p.pending, p.units, p.meta
@@ -205,26 +148,60 @@ def _cfg_dict(cfg: SynthConfig) -> dict:
     return cfg.model_dump(mode="json")
 
 
-def _finish(cfg: SynthConfig, prep: Prepared, lease: OutputLease, results: list[dict], seconds: float, backend: str,
+@dataclass
+class Totals:
+    """Running sums over the units written: the driver keeps these, not a row per unit, so its memory does
+    not grow with the dataset."""
+
+    units: int = 0
+    rows: int = 0
+    filtered: int = 0
+    gen_seconds: float = 0.0
+    quality_sum: float = 0.0
+    quality_n: int = 0
+    gen_first_start: float = math.inf  # wall-clock start of the first generate call, end of the last
+    gen_last_end: float = -math.inf
+
+    def add(self, row: dict[str, Any]) -> None:
+        r = _row_dict(row)
+        self.units += 1
+        self.rows += int(r["rows"])
+        self.filtered += int(r["filtered"])
+        self.gen_seconds += float(r["gen_seconds"])
+        self.quality_sum += float(r["quality_sum"])
+        self.quality_n += int(r["quality_n"])
+        self.gen_first_start = min(self.gen_first_start, float(r["gen_started"]))
+        self.gen_last_end = max(self.gen_last_end, float(r["gen_started"]) + float(r["gen_seconds"]))
+
+
+def _finish(cfg: SynthConfig, prep: Prepared, lease: OutputLease, totals: Totals, started: float, backend: str,
             tracker) -> dict:
-    """Summary, then the files that describe the dataset, ``_manifest.json`` and ``_SUCCESS`` last."""
+    """Summary, then the files that describe the dataset, ``_manifest.json`` and ``_SUCCESS`` last.
+
+    ``started``: wall-clock time the units' processing began (after :func:`prepare`).
+    """
     uri = prep.uri
-    images = int(sum(r["rows"] for r in results))
-    qn = int(sum(r["quality_n"] for r in results))
+    seconds = time.time() - started
+    images, qn = totals.rows, totals.quality_n
+    span = totals.units > 0
     summary = {
-        "backend": backend, "units_written": len(results), "units_skipped": len(prep.units) - len(prep.pending),
-        "images_written": images, "filtered": int(sum(r["filtered"] for r in results)),
+        "backend": backend, "units_written": totals.units, "units_skipped": len(prep.units) - len(prep.pending),
+        "images_written": images, "filtered": totals.filtered,
         "seconds": seconds, "images_per_second": images / seconds if seconds > 0 else 0.0,
-        "generator_seconds": float(sum(r["gen_seconds"] for r in results)),
-        "quality_mean_written": (sum(r["quality_sum"] for r in results) / qn) if qn else None,
+        "generator_seconds": totals.gen_seconds,
+        # the generator's span (first generate call's start to the last one's end), the time before it (start-up:
+        # actors, first rows) and after it (drain: the last unit's alignment and write)
+        "generator_span_seconds": totals.gen_last_end - totals.gen_first_start if span else 0.0,
+        "generator_start_seconds": totals.gen_first_start - started if span else 0.0,
+        "drain_seconds": started + seconds - totals.gen_last_end if span else 0.0,
+        "quality_mean_written": (totals.quality_sum / qn) if qn else None,
         "shards_rewritten": prep.rewritten, "temp_files_removed": len(prep.removed_temp),
     }
     lease.check()
     manifest = shards.build_manifest(uri, {"generator": cfg.generator.type, "name": cfg.name, "last_run": dict(summary)},
-                                     expected_units=sorted(prep.units), config_hash=prep.meta["config_hash"])
+                                     expected_units=list(prep.units), config_hash=prep.meta["config_hash"])
     summary["manifest"] = {k: manifest[k] for k in ("shards", "rows", "identities", "kinds", "quality")}
-    previews = [r["preview"] for r in results][:64]
-    if previews:  # identities (rows) x samples, spread over the whole dataset
+    if totals.units:  # identities (rows) x samples, spread over the whole dataset
         grid = dataset_grid(open_source(uri, allow_incomplete=True), identities=8, samples=8)
         storage.write_bytes_atomic(storage.join(uri, shards.SAMPLES), encode_png(grid))
     has_samples = storage.exists(storage.join(uri, shards.SAMPLES))
@@ -239,7 +216,7 @@ def _finish(cfg: SynthConfig, prep: Prepared, lease: OutputLease, results: list[
         tracker.log_metrics({"dataset_rows": manifest["rows"], "dataset_identities": manifest["identities"]})
         if manifest["quality"]:
             tracker.log_metrics({f"consistency_{k}": v for k, v in manifest["quality"].items()})
-        if previews:
+        if totals.units:
             with tempfile.TemporaryDirectory() as d:
                 path = os.path.join(d, "samples.png")
                 with open(path, "wb") as fh:
@@ -258,28 +235,36 @@ def run_local(cfg: SynthConfig, tracker=None) -> dict:
     with open_output(cfg) as lease:
         prep = prepare(cfg)
         d = _cfg_dict(cfg)
-        t0 = time.perf_counter()
-        results = []
+        started = time.time()
+        totals = Totals()
         if prep.pending:
             stages = ([ContextFaceStage(d)] if cfg.contexts.source == "face_embeddings" else []) + [
                 GenerateStage(d), AlignStage(d), FinishStage(d), WriteStage(d, prep.uri, prep.meta)]
-            for row in unit_rows(cfg, prep.units, prep.pending):
+            for row in unit_rows(cfg, prep.pending):
                 lease.check()
                 batch = {k: np.asarray(v)[None] for k, v in row.items()}
                 for stage in stages:
                     batch = stage(batch)
-                results.append(_row_dict({k: v[0] if len(v) == 1 else v for k, v in batch.items()}))
-        return _finish(cfg, prep, lease, results, time.perf_counter() - t0, "local", tracker)
+                totals.add(batch)
+        return _finish(cfg, prep, lease, totals, started, "local", tracker)
 
 
-def build_dataset(cfg: SynthConfig, rows: list[dict], uri: str, meta: dict):
-    """Wire the stages into a Ray Dataset (lazy); each stage is a pool sized by the config."""
+def build_dataset(cfg: SynthConfig, pending: list[int], uri: str, meta: dict, base: Any = None):
+    """Wire the stages into a Ray Dataset (lazy); each stage is a pool sized by the config.
+
+    The dataset starts from ``range(len(pending))``: each unit's row (identities, contexts, context faces) is
+    made by a task just ahead of the generator, so the driver holds neither the rows nor the contexts, and
+    the generator actors start while the first rows are made. ``base``: an object ref to
+    :func:`base_contexts` for the sources that need them.
+    """
     import ray.data
     from ray.data import ActorPoolStrategy
 
     d = _cfg_dict(cfg)
     g = cfg.generator
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    ds = ray.data.range(len(pending), override_num_blocks=max(1, len(pending)))
+    ds = ds.map_batches(rows_batch, fn_kwargs={"cfg": d, "pending": list(pending), "base": base}, batch_size=1,
+                        num_cpus=0.25)
     if cfg.contexts.source == "face_embeddings":
         ds = ds.map_batches(ContextFaceStage, fn_constructor_kwargs={"cfg": d}, batch_size=1, num_cpus=0.5,
                             compute=ActorPoolStrategy(min_size=1, max_size=g.max_actors))
@@ -299,33 +284,40 @@ def build_dataset(cfg: SynthConfig, rows: list[dict], uri: str, meta: dict):
     return ds.map_batches(WriteStage(d, uri, meta), batch_size=1, num_cpus=0.25)
 
 
+def _put_base(cfg: SynthConfig):
+    """An object ref to :func:`base_contexts`, computed by a Ray task (the table never enters the driver)."""
+    import ray
+
+    return ray.remote(num_cpus=0.25)(base_task).remote(_cfg_dict(cfg)) if needs_base(cfg) else None
+
+
 def run_synthesis(cfg: SynthConfig, tracker=None, progress: bool | None = None) -> dict:
     """Run the pipeline on the current Ray (call :func:`synray.runtime.init_ray` first)."""
     with open_output(cfg) as lease:
         prep = prepare(cfg)
         quiet = is_quiet(cfg.ray) if progress is None else not progress
-        t0 = time.perf_counter()
-        results: list[dict] = []
+        started = time.time()
+        totals = Totals()
         if prep.pending:
-            rows = unit_rows(cfg, prep.units, prep.pending)
-            ds = build_dataset(cfg, rows, prep.uri, prep.meta)
+            ds = build_dataset(cfg, prep.pending, prep.uri, prep.meta, _put_base(cfg))
             skipped = len(prep.units) - len(prep.pending)
             bar = JobProgress("synth", len(prep.pending), "units", quiet)
             try:
                 bar.update(0, skipped=skipped)
                 for row in ds.iter_rows():
                     lease.check()
-                    results.append(_row_dict(row))
-                    images = int(sum(r["rows"] for r in results))
-                    bar.update(len(results), images=images,
-                               **{"img/s": images / max(time.perf_counter() - t0, 1e-9)})
+                    totals.add(row)
+                    bar.update(totals.units, images=totals.rows,
+                               **{"img/s": totals.rows / max(time.time() - started, 1e-9)})
             finally:
                 bar.close()
-        return _finish(cfg, prep, lease, results, time.perf_counter() - t0, "ray", tracker)
+        return _finish(cfg, prep, lease, totals, started, "ray", tracker)
 
 
 # --------------------------------------------------------------------------------------------
 # the job
+
+
 def check(cfg: SynthConfig) -> None:
     try:
         check_config(cfg)

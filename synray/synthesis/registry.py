@@ -33,9 +33,9 @@ class GeneratorEntry:
 
 
 GENERATORS: dict[str, GeneratorEntry] = {
-    "ldm": GeneratorEntry("synray.synthesis.generators:LDMGenerator"),
-    "world": GeneratorEntry("synray.synthesis.generators:WorldGenerator"),
-    "dcgan": GeneratorEntry("synray.synthesis.generators:DCGANGenerator"),
+    "ldm": GeneratorEntry("synray.synthesis.neural_generators:LDMGenerator"),
+    "world": GeneratorEntry("synray.synthesis.generators:WorldGenerator"),  # numpy only: world workers skip torch
+    "dcgan": GeneratorEntry("synray.synthesis.neural_generators:DCGANGenerator"),
 }
 
 

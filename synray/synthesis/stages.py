@@ -4,11 +4,18 @@ A work unit travels as one row: its identities, contexts and, after generation, 
 Ray pipeline maps these callables over units (``batch_size=1``); the plain loop in
 :func:`synray.synthesis.pipeline.run_local` calls the very same objects, which keeps the two backends
 comparable and the stages testable without Ray.
+
+The FR embedders (torch) are imported by the stages that use them, when they are built: every synthesis
+worker imports this module, and the world generator's workers (generate, finish, write) then start
+without loading torch, seconds per process that an actor's start-up would otherwise add to a run.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import cv2
@@ -21,7 +28,6 @@ from synray.io.images import decode_image, encode_image
 from synray.seeds import sample_seed
 from synray.synthesis.contexts import check_rows
 from synray.synthesis.detectors import align_faces, build_detector
-from synray.synthesis.embedders import Embedder, consistency
 from synray.synthesis.generators import build_generator
 
 Unit = dict[str, np.ndarray]
@@ -42,6 +48,10 @@ class ContextFaceStage:
     """ADMIS context-enhanced sampling: contexts are FR embeddings of the unit's context faces."""
 
     def __init__(self, cfg: dict):
+        from synray.synthesis.embedders import (
+            Embedder,  # torch: see the module docstring
+        )
+
         self.cfg = SynthConfig.model_validate(cfg)
         self.embedder = Embedder(self.cfg.contexts.embedder)
 
@@ -66,9 +76,10 @@ class GenerateStage:
         unit = unbatch(batch)
         n = self.cfg.generator.images_per_identity
         ids = unit["ids"].astype(np.int64)
-        t0 = time.perf_counter()
+        started, t0 = time.time(), time.perf_counter()
         images = self.generator.generate(ids, unit["contexts"], np.full(len(ids), n))
         unit["gen_seconds"] = np.float64(time.perf_counter() - t0)
+        unit["gen_started"] = np.float64(started)
         unit["images"] = images
         unit["identity"] = np.repeat(ids, n)
         unit["sample"] = np.tile(np.arange(n, dtype=np.int32), len(ids))
@@ -107,6 +118,10 @@ class FinishStage:
         self.cfg = SynthConfig.model_validate(cfg)
         self.embedder = None
         if self.cfg.quality.embedder:
+            from synray.synthesis.embedders import (
+                Embedder,  # torch: see the module docstring
+            )
+
             self.embedder = Embedder(self.cfg.quality.embedder)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -127,6 +142,8 @@ class FinishStage:
             kinds = np.concatenate([kinds, np.array(["context"] * m, dtype=object)])
         quality = np.full(len(unit["identity"]), np.nan, np.float32)
         if self.embedder is not None:
+            from synray.synthesis.embedders import consistency
+
             emb = self.embedder.embed(unit["images"])
             anchors = None
             if self.cfg.contexts.source == "face_embeddings" and self.cfg.contexts.embedder == self.cfg.quality.embedder:
@@ -136,11 +153,25 @@ class FinishStage:
         if self.cfg.quality.threshold is not None and self.embedder is not None:
             keep = quality >= self.cfg.quality.threshold
         unit["filtered"] = np.int64((~keep).sum())
-        for k in ("images", "identity", "sample", "seed", "identity_b", "mix_weight"):
-            unit[k] = unit[k][keep]
+        if not keep.all():  # a unit's images are tens of MB: copied only when some are dropped
+            for k in ("images", "identity", "sample", "seed", "identity_b", "mix_weight"):
+                unit[k] = unit[k][keep]
         unit["quality"] = quality[keep]
         unit["kind"] = kinds[keep].astype(str)
         return rebatch(unit)
+
+
+@functools.lru_cache(maxsize=1)
+def _encoders() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="encode")
+
+
+def encode_all(images: np.ndarray, fmt: str) -> list[bytes]:
+    """Every image encoded, in order, on a few threads (the codec releases the GIL): the last unit's write, done
+    after the generator has finished, uses the cores the generator leaves, which shortens a run's drain."""
+    if len(images) < 64:
+        return [encode_image(im, fmt) for im in images]
+    return list(_encoders().map(lambda im: encode_image(im, fmt), images, chunksize=1))
 
 
 class WriteStage:
@@ -156,7 +187,7 @@ class WriteStage:
         images = unit["images"]
         t0 = time.perf_counter()
         cols = {
-            "image": [encode_image(im, self.fmt) for im in images],
+            "image": encode_all(images, self.fmt),
             "identity": unit["identity"], "sample": unit["sample"], "kind": list(unit["kind"]),
             "seed": unit["seed"], "height": np.full(len(images), images.shape[1] if len(images) else 0, np.int32),
             "width": np.full(len(images), images.shape[2] if len(images) else 0, np.int32),
@@ -168,9 +199,9 @@ class WriteStage:
             "unit": np.array([int(unit["unit"])]), "rows": np.array([len(images)]),
             "identities": np.array([len(unit["ids"])]), "filtered": np.array([int(unit.get("filtered", 0))]),
             "gen_seconds": np.array([float(unit.get("gen_seconds", 0.0))]),
+            "gen_started": np.array([float(unit.get("gen_started", time.time()))]),
             "write_seconds": np.array([time.perf_counter() - t0]),
             "quality_sum": np.array([float(np.nansum(q))]), "quality_n": np.array([int(np.isfinite(q).sum())]),
-            "preview": np.array([encode_image(images[0], ".png") if len(images) else b""], dtype=object),
         }
 
 

@@ -34,9 +34,12 @@ from synray.models.inputs import fit_image
 
 __all__ = [
     "DatasetInfo", "dataset_info", "labels_for", "rrc_params", "random_resized_crop", "augment_image",
-    "decode_augment", "repeat_rows", "build_dataset", "SHARD_COLUMNS", "DataError",
+    "decode_augment", "augment_decoded", "decoded_bytes", "repeat_rows", "build_dataset", "SHARD_COLUMNS", "DataError",
+    "CACHE_LIMIT_BYTES",
 ]
 
+#: decoded size up to which ``data.cache_decoded: None`` (auto) keeps a dataset decoded
+CACHE_LIMIT_BYTES = 1 << 30
 #: shard columns training reads (``sample`` and the file path name a row whose image is corrupt)
 SHARD_COLUMNS = ["image", "identity", "sample", "identity_b", "mix_weight"]
 
@@ -211,6 +214,22 @@ def _where(batch: Mapping[str, np.ndarray], k: int, s3: bool) -> str:
     return f"shard {uri} row {int(rows[0])} ({who})" if len(rows) else f"shard {uri} ({who})"
 
 
+def augment_decoded(batch: Mapping[str, np.ndarray], *, augment: Mapping[str, Any], seed: int | None = None) -> dict[str, np.ndarray]:
+    """:func:`augment_image` on rows already decoded at the training size (uint8 [n, 3, H, W]); labels pass through."""
+    rng = np.random.default_rng(seed)
+    images = batch["image"]
+    out = np.empty_like(images)
+    for k in range(len(images)):
+        img = augment_image(images[k].transpose(1, 2, 0), rng, **augment)
+        out[k] = np.ascontiguousarray(img).transpose(2, 0, 1)
+    return {**batch, "image": out}
+
+
+def decoded_bytes(info: DatasetInfo, image_size: tuple[int, int]) -> int:
+    """Bytes of a dataset decoded at ``image_size`` (uint8 RGB): what caching it decoded costs."""
+    return int(info.rows) * 3 * int(image_size[0]) * int(image_size[1])
+
+
 def repeat_rows(batch: Mapping[str, np.ndarray], times: int) -> dict[str, np.ndarray]:
     """Every row ``times`` times (encoded, so each copy is augmented independently later)."""
     return {k: np.concatenate([np.asarray(v)] * times) for k, v in batch.items()}
@@ -227,16 +246,25 @@ def build_dataset(
     batch_size: int = 256,
     num_cpus: float = 1.0,
     repeat: int = 1,
+    cache: bool = False,
 ):
     """The Ray Dataset of decoded, augmented training rows of one shard dataset.
 
     ``repeat`` > 1 lists the rows that many times per epoch: SynFace replicates its few real images
     to the length of the synthetic set, which also spares a pipeline restart every few batches.
+    ``cache``: decode every image once, now, at the training size (uint8, in Ray's object store; see
+    :func:`decoded_bytes`); each epoch then shuffles and augments those rows, the same draws as decoding
+    each epoch, without decoding again: for small images a PNG decode costs more than a training step.
     """
     if info.source is not None:
         ds = info.source.ray_dataset(num_cpus=num_cpus)
     else:
         ds = read_dataset(list(info.files) if info.files else info.uri, columns=SHARD_COLUMNS, include_paths=True)
+    decode = {"image_size": tuple(image_size), "ids": info.identities, "offset": offset, "soft_labels": soft_labels,
+              "s3": storage.is_s3(info.uri)}
+    if cache:
+        ds = ds.map_batches(decode_augment, fn_kwargs={**decode, "augment": None}, batch_size=batch_size,
+                            batch_format="numpy", num_cpus=num_cpus).materialize()
     if repeat > 1:
         ds = ds.map_batches(repeat_rows, fn_kwargs={"times": repeat}, batch_size=None, batch_format="numpy", num_cpus=num_cpus)
     if shuffle == "global":
@@ -245,12 +273,10 @@ def build_dataset(
         ds = ds.randomize_block_order()
     elif shuffle != "none":
         raise ValueError(f"unknown shuffle {shuffle!r}; expected 'global', 'blocks' or 'none'")
-    return ds.map_batches(
-        decode_augment,
-        fn_kwargs={"image_size": tuple(image_size), "ids": info.identities, "offset": offset,
-                   "soft_labels": soft_labels, "augment": dict(augment) if augment else None,
-                   "s3": storage.is_s3(info.uri)},
-        batch_size=batch_size,
-        batch_format="numpy",
-        num_cpus=num_cpus,
-    )
+    if cache:
+        if not augment:
+            return ds
+        return ds.map_batches(augment_decoded, fn_kwargs={"augment": dict(augment)}, batch_size=batch_size,
+                              batch_format="numpy", num_cpus=num_cpus)
+    return ds.map_batches(decode_augment, fn_kwargs={**decode, "augment": dict(augment) if augment else None},
+                          batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus)

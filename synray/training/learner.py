@@ -1,7 +1,7 @@
 """The recognition learner in plain torch: what a worker holds and how it makes one optimiser step.
 
 :class:`Learner` holds the backbone, its class-centre shard (:class:`ShardedClassifier`), the optimisers,
-AMP and the LR schedule (:func:`learning_rate`); :meth:`Learner.step` applies SynFace's mixups and CFSM
+mixed precision (``scaling.precision``) and the LR schedule (:func:`learning_rate`); :meth:`Learner.step` applies SynFace's mixups and CFSM
 before the optimiser step. It works without Ray (one process, the unit tests) and under DDP, where
 :func:`synray.training.recognition.train_loop` builds one per rank from the driver's :class:`TrainPlan`.
 """
@@ -25,6 +25,14 @@ from synray.models.cfsm import load_generator
 from synray.models.checkpoint import load_strict
 from synray.models.heads import build_head
 from synray.models.inputs import normalize_images, raw_embedding
+from synray.models.precision import (
+    autocast,
+    maybe_compile,
+    needs_loss_scaling,
+    resolve_precision,
+    to_channels_last,
+    use_channels_last,
+)
 from synray.models.registry import build_backbone
 from synray.seeds import derive
 from synray.training import schedules
@@ -169,14 +177,18 @@ class Learner:
         head = build_head(cfg.head.name, plan.embedding_size, count, **cfg.head.kwargs)
         self.classifier = ShardedClassifier(head, plan.num_classes, self.start, cfg.partial_fc.sample_rate,
                                             grad_scale=float(world_size), seed=cfg.seed).to(self.device)
+        sc = cfg.scaling
+        self.precision = resolve_precision(sc.precision_setting, self.device)
+        self.amp = self.precision is not None
+        self.channels_last = use_channels_last(sc.channels_last, self.device, default_on_cuda=True)
         backbone.to(self.device)
+        to_channels_last(backbone, self.channels_last)
         self.backbone_module = backbone
-        self.backbone = wrap(backbone) if wrap is not None else backbone
+        self.backbone = maybe_compile(wrap(backbone) if wrap is not None else backbone, sc.compile)
         o = cfg.optimizer
         self.opt_backbone = _optimizer(cfg, _param_groups(backbone, o.weight_decay, o.no_decay_bn))
         self.opt_head = _optimizer(cfg, [{"params": list(head.parameters()), "weight_decay": o.weight_decay}])
-        self.amp = bool(cfg.scaling.amp if cfg.scaling.amp is not None else self.device.type == "cuda")
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_loss_scaling(self.precision))
         self.generator = self._load_generator() if cfg.cfsm.enabled else None
         self.lambdas = tuple(cfg.mixup.domain.lambdas or SYNFACE_LAMBDAS)
 
@@ -196,7 +208,9 @@ class Learner:
 
     # -- one optimiser step -------------------------------------------------------------------
     def _embed(self, module: nn.Module, x: Tensor) -> Tensor:
-        with torch.autocast(self.device.type, enabled=self.amp):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.precision):
             out = module(x)
         return raw_embedding(out).float()
 

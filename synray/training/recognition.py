@@ -37,7 +37,14 @@ from synray.models.registry import build_backbone
 from synray.seeds import derive
 from synray.training.checkpointing import TrainingMeta
 from synray.training.collective import all_reduce_sum, synced_next
-from synray.training.data import DataError, DatasetInfo, build_dataset, dataset_info
+from synray.training.data import (
+    CACHE_LIMIT_BYTES,
+    DataError,
+    DatasetInfo,
+    build_dataset,
+    dataset_info,
+    decoded_bytes,
+)
 from synray.training.learner import EpochStats, Learner, TrainPlan
 from synray.training.runner import Hooks, fit, guarded_settings
 
@@ -45,7 +52,8 @@ __all__ = ["plan_training", "train_loop", "build_datasets", "export_final", "che
 
 #: settings a re-run may change and still continue the run (length, evaluation, resources, bookkeeping)
 RESUMABLE = ("kind", "name", "epochs", "eval", "scaling", "checkpoint", "output", "tracking", "ray",
-             "data.allow_incomplete", "data.prefetch_batches", "data.decode_batch_size", "data.decode_num_cpus")
+             "data.allow_incomplete", "data.prefetch_batches", "data.decode_batch_size", "data.decode_num_cpus",
+             "data.cache_decoded")
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,10 +194,16 @@ def build_datasets(cfg: TrainConfig, plan: TrainPlan, train: DatasetInfo, real: 
     augment = {"flip": aug.flip, "rrc_prob": aug.rrc_prob, "rrc_scale": tuple(aug.rrc_scale), "rrc_ratio": tuple(aug.rrc_ratio)}
     common = dict(image_size=plan.image_size, augment=augment, shuffle=cfg.data.shuffle,
                   batch_size=cfg.data.decode_batch_size, num_cpus=cfg.data.decode_num_cpus)
-    datasets = {"train": build_dataset(train, soft_labels=cfg.mixup.identity, **common)}
+
+    def cache(info: DatasetInfo) -> bool:
+        if cfg.data.cache_decoded is not None:
+            return cfg.data.cache_decoded
+        return decoded_bytes(info, plan.image_size) <= CACHE_LIMIT_BYTES
+
+    datasets = {"train": build_dataset(train, soft_labels=cfg.mixup.identity, cache=cache(train), **common)}
     if real is not None:
         repeat = -(-train.rows // real.rows)  # SynFace: the real list replicated to the synthetic length
-        datasets["real"] = build_dataset(real, offset=plan.num_syn_classes, repeat=repeat, **common)
+        datasets["real"] = build_dataset(real, offset=plan.num_syn_classes, repeat=repeat, cache=cache(real), **common)
     return datasets
 
 
