@@ -20,7 +20,10 @@ class Generator(Protocol):
     name: str
 
     def generate(self, ids: np.ndarray, contexts: np.ndarray, samples: np.ndarray) -> np.ndarray:
-        """``samples[k]`` images for ``ids[k]`` -> uint8 ``[sum, H, W, 3]``, identity-major order."""
+        """``samples[k]`` images for ``ids[k]`` -> uint8 ``[sum, H, W, 3]``, identity-major order.
+
+        ``contexts`` is ``[ids, D]`` (one per identity) or ``[ids, images, D]`` (one per image: identity mixup).
+        """
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -68,7 +71,7 @@ class LDMGenerator:
     @torch.no_grad()
     def generate(self, ids: np.ndarray, contexts: np.ndarray, samples: np.ndarray) -> np.ndarray:
         s = self.cfg.generator.sampler
-        jobs = [(int(i), k, c) for i, n, c in zip(ids, samples, contexts) for k in range(int(n))]
+        jobs = [(int(i), k, c[k] if c.ndim == 2 else c) for i, n, c in zip(ids, samples, contexts) for k in range(int(n))]
         out = []
         for start in range(0, len(jobs), self.batch_size):
             chunk = jobs[start:start + self.batch_size]
@@ -106,13 +109,13 @@ class DCGANGenerator:
 
     @torch.no_grad()
     def generate(self, ids: np.ndarray, contexts: np.ndarray, samples: np.ndarray) -> np.ndarray:
-        if contexts.shape[1] != self.nz:
+        if contexts.shape[-1] != self.nz:
             raise ValueError(f"the DCGAN takes {self.nz}-d latents; set contexts.dim: {self.nz}")
         zs = []
         for i, n, c in zip(ids, samples, contexts):
             for k in range(int(n)):
                 eps = torch.randn(self.nz, generator=torch_generator(sample_seed(self.cfg.seed, int(i), k)))
-                zs.append(torch.from_numpy(c).float() * np.sqrt(self.nz) + self.jitter * eps)
+                zs.append(torch.from_numpy(c[k] if c.ndim == 2 else c).float() * np.sqrt(self.nz) + self.jitter * eps)
         return to_uint8(self.net(torch.stack(zs)[:, :, None, None]))
 
 

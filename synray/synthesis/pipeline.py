@@ -65,7 +65,7 @@ def input_files(cfg: SynthConfig) -> dict[str, tuple[str, str]]:
         import importlib.resources as ir
 
         files["generator.weights"] = ("", str(ir.files("gan_face_generate") / "weights.tar"))
-    if c.path and c.source in ("embeddings_file", "face_embeddings"):
+    if c.path and c.source in ("embeddings_file", "face_embeddings", "mixup"):
         files["contexts.path"] = ("", c.path)
     if c.embedder and c.source == "face_embeddings":
         files["contexts.embedder"] = _embedder_file(c.embedder)
@@ -126,8 +126,8 @@ def check_config(cfg: SynthConfig) -> None:
     src = cfg.contexts.source
     if cfg.identities.start % cfg.identities.unit_size:
         raise ValueError("identities.start must be a multiple of identities.unit_size (units are fixed)")
-    if cfg.contexts.separation.max_cosine is not None and src not in ("gaussian", "mixup"):
-        raise ValueError("contexts.separation applies to gaussian/mixup contexts only")
+    if cfg.contexts.separation.max_cosine is not None and (src not in ("gaussian", "mixup") or cfg.contexts.path):
+        raise ValueError("contexts.separation applies to Gaussian contexts only (source gaussian, or mixup without contexts.path)")
     if src == "face_embeddings" and not cfg.contexts.embedder:
         raise ValueError("contexts.embedder is required for source 'face_embeddings'")
     if cfg.augment.context_repeats and src != "face_embeddings":
@@ -143,7 +143,7 @@ def check_config(cfg: SynthConfig) -> None:
 
 def _base_contexts(cfg: SynthConfig, all_ids: np.ndarray) -> np.ndarray:
     c = cfg.contexts
-    if c.source == "embeddings_file":
+    if c.source == "embeddings_file" or (c.source == "mixup" and c.path):  # mixup blends the file's rows
         return C.from_table(C.load_embeddings(c.path), all_ids, c.dim, c.path)
     if c.separation.max_cosine is not None:
         return C.separated_gaussian(cfg.seed, all_ids, c.dim, c.separation.max_cosine, c.separation.max_tries)
@@ -187,7 +187,7 @@ def unit_rows(cfg: SynthConfig, units: dict[int, np.ndarray], only: list[int]) -
     for u in only:
         ids = units[u]
         if src == "mixup":
-            mixed = C.mixup(cfg.seed, ids, all_ids, base, cfg.contexts.mixup.phi)
+            mixed = C.mixup(cfg.seed, ids, all_ids, base, cfg.generator.images_per_identity, cfg.contexts.mixup.weights)
             ctx, partner, weight = mixed.vectors, mixed.partner, mixed.weight
         else:
             ctx = base[[index[int(i)] for i in ids]]
