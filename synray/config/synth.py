@@ -47,7 +47,9 @@ class ContextMixupConfig(StrictModel):
 
 
 class ContextsConfig(StrictModel):
-    source: Literal["gaussian", "embeddings_file", "face_embeddings", "mixup"] = "gaussian"
+    #: ``empty``: the model's empty context for every image, i.e. unconditional samples (e.g. the faces of a context
+    #: database: ADMIS embeds faces of an unconditional model)
+    source: Literal["gaussian", "embeddings_file", "face_embeddings", "mixup", "empty"] = "gaussian"
     dim: int = Field(512, ge=2)
     #: embeddings file (.npy / .parquet; for mixup: the rows it blends) or a folder of context face images
     path: URI | None = None

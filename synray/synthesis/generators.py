@@ -71,12 +71,13 @@ class LDMGenerator:
     @torch.no_grad()
     def generate(self, ids: np.ndarray, contexts: np.ndarray, samples: np.ndarray) -> np.ndarray:
         s = self.cfg.generator.sampler
+        empty = self.cfg.contexts.source == "empty"  # unconditional: the UNet's empty context
         jobs = [(int(i), k, c[k] if c.ndim == 2 else c) for i, n, c in zip(ids, samples, contexts) for k in range(int(n))]
         out = []
         for start in range(0, len(jobs), self.batch_size):
             chunk = jobs[start:start + self.batch_size]
             seeds = [sample_seed(self.cfg.seed, i, k) for i, k, _ in chunk]
-            ctx = torch.from_numpy(np.stack([c for _, _, c in chunk])).float().to(self.device)
+            ctx = None if empty else torch.from_numpy(np.stack([c for _, _, c in chunk])).float().to(self.device)
             # per-image noise streams keep a stochastic sampler's result independent of the batch composition
             noise = [torch_generator(sd ^ 0x5EED) for sd in seeds] if s.stochastic else None
             z = sample(s, self.unet, self._x_T(seeds), ctx, generator=noise)

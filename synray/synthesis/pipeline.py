@@ -134,6 +134,8 @@ def check_config(cfg: SynthConfig) -> None:
         raise ValueError("augment.context_repeats needs context faces: set contexts.source to 'face_embeddings'")
     if cfg.quality.threshold is not None and not cfg.quality.embedder:
         raise ValueError("quality.threshold needs quality.embedder")
+    if src == "empty" and cfg.generator.type != "ldm":
+        raise ValueError("contexts.source 'empty' samples an LDM with its empty context: set generator.type ldm")
     if cfg.generator.type == "world" and src == "mixup":
         raise ValueError("the world generator renders identities directly; identity mixup needs generator.type ldm or dcgan")
     for key, (_, path) in input_files(cfg).items():
@@ -178,8 +180,8 @@ def unit_rows(cfg: SynthConfig, units: dict[int, np.ndarray], only: list[int]) -
     """The input rows for the pending units: identities, contexts, soft labels (and context faces)."""
     all_ids = np.concatenate(list(units.values()))
     src = cfg.contexts.source
-    if src == "face_embeddings":
-        base = np.zeros((len(all_ids), cfg.contexts.dim), np.float32)  # filled by ContextFaceStage
+    if src in ("face_embeddings", "empty"):  # filled by ContextFaceStage / none: the model's empty context
+        base = np.zeros((len(all_ids), cfg.contexts.dim), np.float32)
     else:
         base = _base_contexts(cfg, all_ids)
     index = {int(i): n for n, i in enumerate(all_ids)}
@@ -192,7 +194,7 @@ def unit_rows(cfg: SynthConfig, units: dict[int, np.ndarray], only: list[int]) -
         else:
             ctx = base[[index[int(i)] for i in ids]]
             partner, weight = np.full(len(ids), -1, np.int64), np.ones(len(ids), np.float32)
-        if src != "face_embeddings":  # those are checked where the embedder computes them
+        if src not in ("face_embeddings", "empty"):  # those are checked where the embedder computes them
             C.check_rows(ctx, ids, f"contexts ({src})")
         row = {"unit": np.int64(u), "ids": ids, "contexts": ctx.astype(np.float32), "partner": partner, "weight": weight}
         if src == "face_embeddings":
