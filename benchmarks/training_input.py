@@ -15,7 +15,7 @@ cheap and any overhead shows) and IR-50 (conf/train/ir50_arcface.yaml: ``tface_i
    1-worker ``TorchTrainer`` vs a plain loop in this process. The machine is shared and its load
    swings within seconds, so the two sides take turns block by block (file handshakes) and each
    side's rate comes from its median step. Goal >= 0.95.
-3. **end to end** (world_tiny only): ``run_training`` with 1 worker (Ray Data ingest + Ray Train), its
+3. **end to end** (world_tiny only): ``synray train`` (run_job) with 1 worker (Ray Data ingest + Ray Train), its
    reported images/s / the plain loop's.
 
 With a GPU the steps run on it (IR-50 img/s per GPU and utilisation vs the 20.9k img/s H100
@@ -275,14 +275,14 @@ def run_model(name: str, args, data: Path, data2: Path, root: Path, device: str)
                             / np.median(np.reshape(inter["ray_step_seconds"], (blocks, -1)), 1)).tolist(),
            "ray_train_ratio_mean": ray_r["mean_samples_per_second"] / plain_r["mean_samples_per_second"]}
     if name == "world_tiny":
-        from synray.training.recognition import run_training
+        from synray.jobs import run_job
 
         epochs = 1 if args.quick else 2
-        log(f"[{name}] run_training end to end, 1 worker, {epochs} epochs")
+        log(f"[{name}] synray train end to end, 1 worker, {epochs} epochs")
         e2e_cfg = train_config(name, data, root / "e2e", device, [f"epochs={epochs}", "schedule.milestones=[100]",
                                                                       f"name=e2e-{int(time.time())}"])
         t0 = time.perf_counter()
-        outcome = run_training(e2e_cfg)
+        outcome = run_job(e2e_cfg)
         out["end_to_end"] = {"images_per_second": outcome.metrics.get("images_per_second"),
                              "seconds": time.perf_counter() - t0, "steps": outcome.metrics.get("step")}
         out["end_to_end_ratio"] = (outcome.metrics.get("images_per_second") or 0.0) / plain
@@ -331,7 +331,7 @@ def main() -> None:
                            "goal": f">= {GOAL_TRAIN}",
                            "status": "met" if r["ray_train_ratio"] >= GOAL_TRAIN else "MISSED"})
         if "end_to_end" in r:
-            train_rows.append({"model": f"{name} (run_training, Ray Data ingest)", "plain samples/s": r["plain_samples_per_second"],
+            train_rows.append({"model": f"{name} (synray train, Ray Data ingest)", "plain samples/s": r["plain_samples_per_second"],
                                "Ray Train 1 worker samples/s": r["end_to_end"]["images_per_second"],
                                "Ray Train / plain": r["end_to_end_ratio"], "goal": "-", "status": "-"})
     notes = ["loader: passes over R and 2R rows on this machine's 2 cores (read, global shuffle, decode tasks at 1 CPU "
@@ -340,7 +340,7 @@ def main() -> None:
              "Ray Train / plain: 1-worker Ray Train and a plain loop (a thread of the driver) take turns block by block on "
              "the same in-memory batches; samples/s from each side's median step (other users' bursts hit single steps; "
              "the mean is shown beside)",
-             "run_training row: the whole path (Ray Data ingest + Ray Train, 1 worker) on 2 shared cores, where decode "
+             "synray train row: the whole path (Ray Data ingest + Ray Train, 1 worker) on 2 shared cores, where decode "
              "and the step compete for the same cores; images/s of its last epoch",
              "loader samples/s per core ~ loader samples/s / 2; a GPU node needs (2 x step rate) / that per GPU"]
     if device == "cuda" and "ir50" in results:

@@ -8,6 +8,7 @@ the cluster's size) print as one message and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -38,6 +39,20 @@ FLAGS: dict[str, dict[str, tuple[str, list[str]]]] = {
 FLAG_SOURCES = {("quickstart", "--tiny"): ("synray.quickstart", "TINY"), ("study", "--tiny"): ("synray.study.job", "TINY")}
 #: commands whose CONFIG may be left out (the project's recipe is used)
 DEFAULT_CONFIG = {"quickstart": "quickstart.yaml", "study": "study/world.yaml"}
+#: commands that take config keys as positional arguments (``synray export URI DEST``) instead of CONFIG
+POSITIONAL: dict[str, list[tuple[str, str, str]]] = {
+    "export": [("source", "URI", "the dataset: a synray dataset folder, rec://<train.rec> or folder://<root> (or +s3)"),
+               ("output.uri", "DEST", "where to write (a new folder, local or s3://)")],
+    "report": [("source", "URI", "the dataset: a synray dataset folder, rec://<train.rec> or folder://<root> (or +s3)")],
+}
+#: per-command options with a value that stand for a config key: flag -> (key, choices, help)
+OPTIONS: dict[str, dict[str, tuple[str, list[str] | None, str]]] = {
+    "export": {"--format": ("format", ["rec", "folder"], "rec: train.rec, train.idx, property; folder: <identity>/<n>.<ext>")},
+    "report": {"--model": ("model", None, "FR model for identity statistics: a synray checkpoint or <registry name>:<weights>"),
+               "--reference": ("reference", None, "the generator's training identities: embeddings file or dataset URI")},
+}
+#: commands with ``--check``: load and validate every file the config names, then stop (no Ray)
+CHECK_COMMANDS = ("synth", "train", "distill", "train-ldm", "export", "report")
 
 
 def _flag_overrides(command: str, args: argparse.Namespace) -> list[str]:
@@ -53,9 +68,25 @@ def _flag_overrides(command: str, args: argparse.Namespace) -> list[str]:
     return out
 
 
+def _dest(key: str) -> str:
+    return "pos_" + key.replace(".", "_")
+
+
 def _add_job(sub: argparse._SubParsersAction, job: Job) -> None:
     p = sub.add_parser(job.command, help=job.help, description=job.help)
-    p.add_argument("config", nargs="?" if job.command in DEFAULT_CONFIG else None, help="YAML config (see conf/)")
+    if job.command in POSITIONAL:
+        for key, metavar, text in POSITIONAL[job.command]:
+            p.add_argument(_dest(key), metavar=metavar, help=text)
+        p.add_argument("--config", help="YAML config with further settings (positional arguments override it)")
+    else:
+        p.add_argument("config", nargs="?" if job.command in DEFAULT_CONFIG else None, help="YAML config (see conf/)")
+    for flag, (key, choices, text) in OPTIONS.get(job.command, {}).items():
+        p.add_argument(flag, dest=_dest(key), choices=choices, metavar=None if choices else key.upper(),
+                       help=f"{text} (config key {key})")
+    if job.command in CHECK_COMMANDS:
+        p.add_argument("--check", action="store_true",
+                       help="load and validate every file the config names (weights, contexts, data), report all "
+                            "problems at once and stop; no Ray is started")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value by its dotted key, e.g. --set optimizer.lr=0.05 (repeatable)")
     p.add_argument("--quiet", action="store_true", help="only summary lines and errors (also when CI is set)")
@@ -67,6 +98,8 @@ def _add_job(sub: argparse._SubParsersAction, job: Job) -> None:
 def _config_path(args: argparse.Namespace) -> str | None:
     if args.config:
         return args.config
+    if args.job.command not in DEFAULT_CONFIG:
+        return None
     conf = project_conf_dir()
     name = DEFAULT_CONFIG[args.job.command]
     return str(conf / name) if conf is not None and (conf / name).exists() else None
@@ -75,8 +108,22 @@ def _config_path(args: argparse.Namespace) -> str | None:
 def _run(args: argparse.Namespace) -> int:
     from synray.jobs import load_job, run_job
 
-    overrides = [*_flag_overrides(args.job.command, args), *args.overrides, *(["ray.quiet=true"] if args.quiet else [])]
+    command = args.job.command
+    keys = [key for key, _, _ in POSITIONAL.get(command, [])] + [key for key, _, _ in OPTIONS.get(command, {}).values()]
+    given = [f"{key}={json.dumps(getattr(args, _dest(key)))}" for key in keys if getattr(args, _dest(key), None) is not None]
+    overrides = [*_flag_overrides(command, args), *given, *args.overrides, *(["ray.quiet=true"] if args.quiet else [])]
     cfg = load_job(_config_path(args), overrides, kind=args.job.kind)
+    if getattr(args, "check", False):
+        from synray.checks import check_job
+
+        problems = check_job(cfg)
+        if problems:
+            print(f"synray {command} --check: {len(problems)} problem{'s' if len(problems) > 1 else ''}:", file=sys.stderr)
+            for problem in problems:
+                print(f"  - {problem}", file=sys.stderr)
+            return 2
+        print("ok")
+        return 0
     outcome = run_job(cfg)
     print(outcome.console(), flush=True)
     return 0 if outcome.ok else 1
@@ -114,7 +161,9 @@ EVAL_EPILOG = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="synray", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="synray", description="Identity-labelled synthetic face datasets and face-recognition training on Ray. "
+        "Every job takes a YAML config (see conf/) and --set key=value overrides.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for job in JOBS.values():
         _add_job(sub, job)
@@ -158,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 def job_main(command: str, argv: list[str] | None = None) -> int:
     """``jobs/*.py``: ``--config PATH`` plus the command's own flags, e.g. ``--set key=value --quiet``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" in argv:
+    if "--config" in argv and command not in POSITIONAL:
         i = argv.index("--config")
         argv = [*argv[i + 1:i + 2], *argv[:i], *argv[i + 2:]]
     return main([command, *argv])

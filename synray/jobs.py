@@ -60,6 +60,10 @@ JOBS: dict[str, Job] = {j.kind: j for j in (
         "Ray Tune sweep (resampling_coef, CPD ratio, ...) tracked in MLflow (re-run to resume)"),
     Job("quickstart", "quickstart", "synray.config.quickstart:QuickstartConfig", "synray.quickstart",
         "the whole synthetic-data protocol on the built-in world, on local Ray"),
+    Job("export", "export", "synray.config.export:ExportConfig", "synray.export",
+        "export a dataset to insightface RecordIO (train.rec) or an <identity>/<n>.jpg tree on Ray Data (re-run to resume)"),
+    Job("report", "report", "synray.config.report:ReportConfig", "synray.report",
+        "dataset report: counts, identity consistency and separability under an FR model, leakage, sample grid"),
     Job("study", "study", "synray.config.study:StudyConfig", "synray.study.job",
         "every seed method's recipe on the built-in world: the papers' claims as a table (local Ray)"),
 )}

@@ -20,6 +20,9 @@ from importlib import resources
 from typing import Any
 
 from synray.config.quickstart import QuickstartConfig
+from synray.evaluation.roc import load_scores
+from synray.evaluation.roc_plots import log_artifacts, roc_artifacts
+from synray.io import storage
 from synray.jobs import JobContext, Need, Outcome, load_job, run_job
 from synray.redact import redact_text
 
@@ -239,6 +242,12 @@ def run(cfg: QuickstartConfig, ctx: JobContext) -> Outcome:
     grid = os.path.join(synth_uri, "_samples.png")
     if os.path.exists(grid):
         tracker.log_artifact(grid)
+    ran = [("real (baseline)", real), ("synthetic (LDM)", synthetic)]
+    ran += [("distilled (DCGAN + dlib)", distilled)] if cfg.distill.enabled else []
+    students = {label: load_scores(storage.read_bytes(o.extra["verification_scores"])) for label, o in ran
+                if o.extra.get("verification_scores")}
+    if students:  # both students on the same axes, per verification set
+        log_artifacts(tracker, roc_artifacts(students), "roc")
     results_path = os.path.join(cfg.output, "results.json")
     with open(results_path, "w") as fh:
         json.dump(result, fh, indent=2, default=str)

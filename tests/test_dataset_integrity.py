@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from synray.config import ConfigError, load_config
-from synray.config.jobs import load_job_config
+from synray.jobs import load_job
 from synray.config.synth import SynthConfig
 from synray.config.train import TrainConfig
 from synray.io import lease as L
@@ -32,7 +32,7 @@ WORLD = ["tracking.enabled=false", "generator.images_per_identity=2", "generator
 
 
 def world(out, *extra):
-    return load_job_config(ROOT / "conf/synth/world.yaml", [*WORLD, f"output.uri={out}", *extra])
+    return load_job(ROOT / "conf/synth/world.yaml", [*WORLD, f"output.uri={out}", *extra])
 
 
 def table_of(uri):
@@ -111,8 +111,7 @@ def tiny_ldm(tmp_path):
     torch.save(VQDecoder(VQConfig.small()).state_dict(), tmp_path / "vq.pt")
     np.save(tmp_path / "ctx.npy", C.gaussian(3, np.arange(4), 512))
     over = ["tracking.enabled=false", "identities.count=4", "identities.unit_size=2", "generator.images_per_identity=1",
-            "generator.latent_shape=[3,8,8]", "generator.sampler.method=ddim", "generator.sampler.guidance=null",
-            "generator.sampler.steps=2", "generator.num_gpus=0", "alignment.size=[32,32]",
+            "generator.latent_shape=[3,8,8]", "generator.sampler={method: ddim, steps: 2}", "generator.num_gpus=0", "alignment.size=[32,32]",
             "contexts.source=embeddings_file", f"contexts.path={tmp_path / 'ctx.npy'}",
             f"generator.unet={tmp_path / 'unet.ckpt'}", f"generator.vq_decoder={tmp_path / 'vq.pt'}",
             "generator.vq_config={ch: 32, ch_mult: [1, 2], num_res_blocks: 1, resolution: 32}",
@@ -122,7 +121,7 @@ def tiny_ldm(tmp_path):
 
 def test_retrained_weights_at_the_same_path_change_the_config_hash(tiny_ldm):
     d, unet, over = tiny_ldm
-    cfg = load_job_config(ROOT / "conf/synth/uiface.yaml", over)
+    cfg = load_job(ROOT / "conf/synth/uiface.yaml", over)
     first = content_hash(cfg)
     run_local(cfg)
     shutil.copyfile(d / "unet.ckpt", d / "moved.ckpt")
@@ -131,7 +130,7 @@ def test_retrained_weights_at_the_same_path_change_the_config_hash(tiny_ldm):
     with pytest.raises(shards.ForeignShardError, match="different config"):
         run_local(cfg)
     # the same bytes at another path are the same dataset; other contexts are not
-    moved = load_job_config(ROOT / "conf/synth/uiface.yaml", [*over, f"generator.unet={d / 'moved.ckpt'}"])
+    moved = load_job(ROOT / "conf/synth/uiface.yaml", [*over, f"generator.unet={d / 'moved.ckpt'}"])
     assert content_hash(moved) == first
     assert run_local(moved)["units_written"] == 0
     np.save(d / "ctx.npy", C.gaussian(4, np.arange(4), 512))

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from synray.config.jobs import load_job_config
+from synray.jobs import load_job
 from synray.io import shards
 from synray.io.images import decode_image, encode_image
 from synray.synthesis.pipeline import run_local
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def output(tmp_path_factory):
     """A small, real world-generator output and its rows as synray reads them."""
     out = tmp_path_factory.mktemp("output") / "world"
-    cfg = load_job_config(ROOT / "conf/synth/world.yaml", ["tracking.enabled=false", "identities.count=6",
+    cfg = load_job(ROOT / "conf/synth/world.yaml", ["tracking.enabled=false", "identities.count=6",
                                                            "identities.unit_size=2", "generator.images_per_identity=3",
                                                            f"output.uri={out}"])
     run_local(cfg)

@@ -112,8 +112,22 @@ def test_tiny_quickstart_end_to_end(tmp_path):
     runs = mlflow.search_runs(experiment_names=["synray-quickstart"], output_format="list")
     top = [r for r in runs if r.data.tags.get("synray.job") == "quickstart"]
     assert top and top[0].data.metrics["synthetic/average"] == pytest.approx(acc["synthetic"]["average"])
-    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(top[0].info.run_id)}
-    assert "results.txt" in arts
+    client = mlflow.MlflowClient()
+    arts = {a.path for a in client.list_artifacts(top[0].info.run_id)}
+    assert {"results.txt", "_samples.png", "roc"} <= arts
+    # the sample grid (identities x samples of the synthetic set), and ROC curves of the students per verification set
+    roc = {a.path for a in client.list_artifacts(top[0].info.run_id, "roc")}
+    assert roc == {"roc/roc_world-frontal.png", "roc/roc_world-hard.png", "roc/thresholds.txt"}
+    local = client.download_artifacts(top[0].info.run_id, "roc/thresholds.txt", str(tmp_path))
+    text = open(local).read()
+    students = ["real (baseline)", "synthetic (LDM)"] + (["distilled (DCGAN + dlib)"] if distill else [])
+    assert all(f"world-hard / {label}" in text for label in students), text
+    grid = client.download_artifacts(top[0].info.run_id, "_samples.png", str(tmp_path))
+    from synray.io.images import decode_image
+    from synray.io.sources import open_source
+
+    size = min(112, decode_image(bytes(open_source(str(qs / "synthetic")).read_rows([0])["image"][0])).shape[0])
+    assert decode_image(open(grid, "rb").read()).shape[:2] == (8 * (size + 2) - 2, 8 * (size + 2) - 2)
 
 
 @pytest.mark.slow

@@ -21,6 +21,8 @@ __all__ = [
 ]
 
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+#: dataset formats read beside synray's own shards (``synray.io.sources``), whose paths are made absolute too
+DATASET_SCHEMES = ("rec://", "folder://")
 #: model references that name a built-in model rather than a file
 NAMED_MODELS = {"dlib", "world_teacher"}
 
@@ -35,7 +37,14 @@ def is_local(value: str | None) -> bool:
 
 
 def absolute(value: str) -> str:
-    """An absolute local path (``~`` expanded, ``file://`` dropped); URIs unchanged."""
+    """An absolute local path (``~`` expanded, ``file://`` dropped); URIs unchanged.
+
+    Dataset URIs of other formats keep their scheme and get an absolute path: ``rec://data/train.rec`` ->
+    ``rec:///<cwd>/data/train.rec`` (``folder://`` likewise; ``rec+s3://`` is a URI).
+    """
+    for scheme in DATASET_SCHEMES:
+        if value.startswith(scheme) and value[len(scheme):]:
+            return scheme + absolute(value[len(scheme):])
     if value.startswith("file://"):
         value = value[len("file://"):]
     if is_uri(value):

@@ -34,6 +34,8 @@ from synray.config.base import ConfigError
 from synray.config.distill import DistillConfig
 from synray.distill.generators import GeneratorError, LatentGenerator, build_latent_generator, face_crops
 from synray.distill.teachers import Teacher, load_teacher, model_input, raw_embedding
+from synray.evaluation.roc import SCORES_FILE, save_scores
+from synray.evaluation.roc_plots import publish_roc
 from synray.jobs import JobContext, Need, Outcome
 from synray.models.registry import build_backbone
 from synray.seeds import derive
@@ -220,11 +222,12 @@ def distill_loop(cfg: DistillConfig, hooks: Hooks) -> dict[str, Any]:
             "images_per_second": cfg.batch_size * (2 if cfg.resampling else 1) * cfg.iterations_per_epoch / max(seconds, 1e-9),
             "world_size": hooks.world_size, "resumed_from_epoch": resumed_from,
         }
-        results = None
+        results, scores = None, {}
         if hooks.rank == 0 and cfg.eval.bins and (epoch % cfg.eval.every_epochs == 0 or epoch == cfg.epochs):
             from synray.evaluation.evaluate import evaluate_bins
 
-            results = evaluate_bins(d.student_module, cfg.eval.bins, batch_size=cfg.eval.batch_size, flip=cfg.eval.flip)
+            results = evaluate_bins(d.student_module, cfg.eval.bins, batch_size=cfg.eval.batch_size, flip=cfg.eval.flip,
+                                    scores=scores)
             for name, res in results.items():
                 metrics[f"val/{name}/accuracy"] = res["accuracy"]
         with tempfile.TemporaryDirectory() as tmp:
@@ -233,6 +236,9 @@ def distill_loop(cfg: DistillConfig, hooks: Hooks) -> dict[str, Any]:
                 if results:
                     with open(os.path.join(tmp, EVAL_FILE), "w") as fh:
                         json.dump(results, fh)
+                if scores:  # pair distances: the final ROC curves
+                    with open(os.path.join(tmp, SCORES_FILE), "wb") as fh:
+                        fh.write(save_scores(scores))
             hooks.report(metrics, tmp if hooks.rank == 0 else None)
     return metrics
 
@@ -282,5 +288,8 @@ def run(cfg: DistillConfig, ctx: JobContext) -> Outcome:
         storage.write_bytes_atomic(outcome.model_uri, reader.read_bytes(STUDENT_FILE))
         if EVAL_FILE in reader.names():
             outcome.set_verification(json.loads(reader.read_bytes(EVAL_FILE)), ctx.tracker)
+        if SCORES_FILE in reader.names():
+            outcome.extra.update(publish_roc(reader.read_bytes(SCORES_FILE), storage.join(run_uri, "final"), ctx.tracker,
+                                             cfg.name))
     outcome.write_summary(storage.join(run_uri, "final", "summary.json"))
     return outcome

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from synray.evaluation.binset import read_bin
+from synray.evaluation.roc import pair_distances
 from synray.evaluation.verification import evaluate, fuse_flip
 
 __all__ = ["embed", "embed_faces", "find_bins", "fit_images", "evaluate_bins", "format_table", "STANDARD_ORDER"]
@@ -129,13 +130,15 @@ def find_bins(paths: Iterable[str | os.PathLike]) -> list[Path]:
 def evaluate_bins(
     model: nn.Module, paths: Sequence[str | os.PathLike] | str | os.PathLike, batch_size: int = 64,
     flip: bool = True, bgr: bool | None = None, image_size: tuple[int, int] | None = None, n_folds: int = 10,
+    scores: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Evaluate every ``.bin`` set; returns ``{set: metrics}`` plus ``"average"`` (mean accuracy).
 
     Per set: ``accuracy`` and ``std`` over the 10 folds, ``best_threshold`` (mean squared-L2
     threshold), ``tar_at_far`` / ``far`` (insightface TAR@FAR=1e-3) and ``pairs``. ``bgr`` and
     ``image_size`` default to the model's ``channel_order`` and ``input_size`` (else RGB, 112x112);
-    see :func:`fit_images` for how images reach that size.
+    see :func:`fit_images` for how images reach that size. ``scores``, when given, receives each set's pair
+    distances and labels (:func:`synray.evaluation.roc.pair_distances`) for ROC curves.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -149,6 +152,8 @@ def evaluate_bins(
         images = fit_images(images, tuple(image_size))
         emb = embed(model, images, batch_size=batch_size, flip=flip, bgr=bgr)
         res = evaluate(emb, issame, n_folds=n_folds)
+        if scores is not None:
+            scores[path.stem] = pair_distances(emb, issame)
         results[path.stem] = {
             "accuracy": res.acc_mean,
             "std": res.acc_std,

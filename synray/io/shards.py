@@ -127,7 +127,7 @@ def build_table(columns: Mapping[str, Any], metadata: Mapping[str, Any] | None =
         arrays.append(arr)
     meta = {f"{META_PREFIX}schema_version": str(SCHEMA_VERSION)}
     for k, v in (metadata or {}).items():
-        meta[f"{META_PREFIX}{k}"] = v if isinstance(v, str) else json.dumps(v)
+        meta[f"{META_PREFIX}{k}"] = json.dumps(v)  # strings too: a hash of digits must stay a string
     meta[f"{META_PREFIX}stats"] = json.dumps(table_stats(columns))
     return pa.Table.from_arrays(arrays, schema=SHARD_SCHEMA.with_metadata(meta))
 
@@ -185,11 +185,18 @@ def _metadata(uri: str) -> dict[str, str]:
     return meta
 
 
+#: footer values that are always strings (shards of earlier versions stored them unquoted)
+_STRING_KEYS = {"config_hash", "generator", "name", "label_kind"}
+
+
 def shard_metadata(uri: str) -> dict[str, Any]:
     """Footer metadata of one shard (without the prefix, JSON values decoded; ``_rows``: rows in the file)."""
     out: dict[str, Any] = {}
     for k, v in _metadata(uri).items():
         key = k[len(META_PREFIX):] if k.startswith(META_PREFIX) else k
+        if key in _STRING_KEYS and not v.startswith('"'):
+            out[key] = v  # written unquoted by earlier versions: "1234e5" is a hash, not a number
+            continue
         try:
             out[key] = json.loads(v)
         except ValueError:

@@ -60,7 +60,8 @@ def dataset_card(cfg: SynthConfig, manifest: dict[str, Any], inputs: dict[str, s
     made = [f"- generator: `{g.type}`, {g.images_per_identity} images per identity, seed {cfg.seed}"]
     if g.type == "ldm":
         s = g.sampler
-        made.append(f"- sampler: `{s.method}`, {s.steps} steps, `{s.mode}` mode, guidance {s.guidance}")
+        settings = ", ".join(f"{k} {v}" for k, v in s.model_dump(mode="json").items() if k != "method")
+        made.append(f"- sampler: `{s.method}` ({settings})")
     a = cfg.alignment
     align = "none (the generator's output as it is)" if a.mode == "none" else f"`{a.mode}` to {a.size[0]}x{a.size[1]}"
     made.append(f"- contexts: `{cfg.contexts.source}` ({cfg.contexts.dim}-d); alignment: {align}; ID augmentation:"

@@ -31,7 +31,9 @@ from synray.jobs import JobContext, Need, Outcome
 from synray.progress import JobProgress
 from synray.synthesis import contexts as C
 from synray.synthesis.card import dataset_card
-from synray.synthesis.stages import AlignStage, ContextFaceStage, FinishStage, GenerateStage, WriteStage, preview_grid
+from synray.io.sources import open_source
+from synray.plots import dataset_grid, encode_png
+from synray.synthesis.stages import AlignStage, ContextFaceStage, FinishStage, GenerateStage, WriteStage
 
 log = logging.getLogger(__name__)
 
@@ -296,12 +298,9 @@ def _finish(cfg: SynthConfig, prep: Prepared, lease: OutputLease, results: list[
                                      expected_units=sorted(prep.units), config_hash=prep.meta["config_hash"])
     summary["manifest"] = {k: manifest[k] for k in ("shards", "rows", "identities", "kinds", "quality")}
     previews = [r["preview"] for r in results][:64]
-    if previews:
-        import cv2
-
-        ok, png = cv2.imencode(".png", cv2.cvtColor(preview_grid(previews), cv2.COLOR_RGB2BGR))
-        if ok:
-            storage.write_bytes_atomic(storage.join(uri, shards.SAMPLES), png.tobytes())
+    if previews:  # identities (rows) x samples, spread over the whole dataset
+        grid = dataset_grid(open_source(uri, allow_incomplete=True), identities=8, samples=8)
+        storage.write_bytes_atomic(storage.join(uri, shards.SAMPLES), encode_png(grid))
     has_samples = storage.exists(storage.join(uri, shards.SAMPLES))
     inputs = {key: file_digest(path, key) for key, (_, path) in input_files(cfg).items()}
     card = dataset_card(cfg, manifest, inputs, samples=has_samples)

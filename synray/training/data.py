@@ -24,6 +24,7 @@ from synray.errors import UserError
 from synray.io import storage
 from synray.io.images import ImageDecodeError, decode_image
 from synray.io.shards import IncompleteDatasetError, open_dataset, read_dataset, read_shard
+from synray.io.sources import ImageSource, SourceError, is_foreign, open_source
 
 __all__ = [
     "DatasetInfo", "dataset_info", "labels_for", "rrc_params", "random_resized_crop", "augment_image",
@@ -40,12 +41,13 @@ class DataError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What training needs to know about a shard dataset before reading it: rows and identities."""
+    """What training needs to know about a dataset before reading it: rows and identities."""
 
     uri: str
     rows: int
     identities: np.ndarray  # sorted unique identity ids: class k is identities[k]
     files: tuple[str, ...] = ()  # the shards, checked when the dataset was opened
+    source: ImageSource | None = None  # a RecordIO or image-folder dataset (rec://, folder://) instead of shards
 
     @property
     def num_classes(self) -> int:
@@ -57,7 +59,16 @@ def dataset_info(uri: str, allow_incomplete: bool = False) -> DatasetInfo:
 
     A dataset whose synthesis has not finished (no ``_SUCCESS``, or a manifest that does not match
     its shards) is refused naming what is missing, unless ``allow_incomplete`` (``data.allow_incomplete``).
+    ``rec://`` and ``folder://`` datasets are read as they are (:mod:`synray.io.sources`).
     """
+    if is_foreign(uri):
+        try:
+            src = open_source(uri)
+        except (SourceError, UserError) as exc:
+            raise DataError(f"{exc}") from None
+        if src.rows == 0 or not src.num_classes:
+            raise DataError(f"dataset {uri} has no rows")
+        return DatasetInfo(uri, src.rows, src.identities, (), src)
     try:
         opened = open_dataset(uri, allow_incomplete=allow_incomplete)
     except IncompleteDatasetError as exc:
@@ -188,6 +199,8 @@ def _where(batch: Mapping[str, np.ndarray], k: int, s3: bool) -> str:
     if "path" not in batch:
         return f"a shard row ({who}; the shard file is unknown here)"
     path = str(batch["path"][k])
+    if not path.endswith(".parquet"):  # a RecordIO record or an image file names itself
+        return f"{path} ({who})"
     uri = f"s3://{path}" if s3 and not path.startswith("s3://") else path
     if sample is None:
         return f"shard {uri} ({who})"
@@ -221,7 +234,10 @@ def build_dataset(
     ``repeat`` > 1 lists the rows that many times per epoch: SynFace replicates its few real images
     to the length of the synthetic set, which also spares a pipeline restart every few batches.
     """
-    ds = read_dataset(list(info.files) if info.files else info.uri, columns=SHARD_COLUMNS, include_paths=True)
+    if info.source is not None:
+        ds = info.source.ray_dataset(num_cpus=num_cpus)
+    else:
+        ds = read_dataset(list(info.files) if info.files else info.uri, columns=SHARD_COLUMNS, include_paths=True)
     if repeat > 1:
         ds = ds.map_batches(repeat_rows, fn_kwargs={"times": repeat}, batch_size=None, batch_format="numpy", num_cpus=num_cpus)
     if shuffle == "global":

@@ -40,6 +40,8 @@ from synray.training.cfsm_aug import adversarial_styles, real_synth_indices
 from synray.jobs import JobContext, Need, Outcome
 from synray.training.checkpointing import CheckpointReader, TrainingMeta, write_rank_files
 from synray.training.collective import all_have, all_reduce_sum
+from synray.evaluation.roc import SCORES_FILE, save_scores
+from synray.evaluation.roc_plots import publish_roc
 from synray.training.data import DataError, DatasetInfo, dataset_info
 from synray.training.mixup import SYNFACE_LAMBDAS, Target, mix_images, sample_lambda, synface_targets
 from synray.training.partial_fc import ShardedClassifier, class_split
@@ -374,11 +376,11 @@ def _cycle(shard, batch_size: int, prefetch: int) -> Iterator:
             raise DataError("the real-labelled dataset shard yields no full batch")
 
 
-def _evaluate(learner: Learner, cfg: TrainConfig) -> dict[str, dict[str, float]]:
+def _evaluate(learner: Learner, cfg: TrainConfig, scores: dict | None = None) -> dict[str, dict[str, float]]:
     from synray.evaluation.evaluate import evaluate_bins
 
     return evaluate_bins(learner.backbone_module, cfg.eval.bins, batch_size=cfg.eval.batch_size, flip=cfg.eval.flip,
-                         image_size=learner.plan.image_size)
+                         image_size=learner.plan.image_size, scores=scores)
 
 
 def train_loop(cfg: TrainConfig, hooks: Hooks, plan: dict[str, Any]) -> dict[str, Any]:
@@ -401,7 +403,7 @@ def train_loop(cfg: TrainConfig, hooks: Hooks, plan: dict[str, Any]) -> dict[str
     every = cfg.checkpoint.every_steps
     metrics: dict[str, Any] = {}
 
-    def report(stats: EpochStats, epoch_done: int, in_epoch: int, eval_results: dict | None) -> None:
+    def report(stats: EpochStats, epoch_done: int, in_epoch: int, eval_results: dict | None, scores: dict | None = None) -> None:
         nonlocal metrics
         loss_sum, steps, correct, rows, images = all_reduce_sum(
             [stats.loss_sum, stats.steps, stats.correct, stats.rows, stats.images], device, world)
@@ -425,6 +427,9 @@ def train_loop(cfg: TrainConfig, hooks: Hooks, plan: dict[str, Any]) -> dict[str
             if rank == 0 and eval_results:
                 with open(os.path.join(d, "eval.json"), "w") as fh:
                     json.dump(eval_results, fh)
+            if rank == 0 and scores:  # pair distances of the last evaluation: the final ROC curves
+                with open(os.path.join(d, SCORES_FILE), "wb") as fh:
+                    fh.write(save_scores(scores))
             hooks.report(metrics, d)
 
     while epoch < cfg.epochs:
@@ -459,10 +464,10 @@ def train_loop(cfg: TrainConfig, hooks: Hooks, plan: dict[str, Any]) -> dict[str
         stats.seconds = time.time() - t0
         epoch += 1
         step_in_epoch = 0
-        results = None
+        results, scores = None, {}
         if rank == 0 and cfg.eval.bins and (epoch % cfg.eval.every_epochs == 0 or epoch == cfg.epochs):
-            results = _evaluate(learner, cfg)
-        report(stats, epoch, 0, results)
+            results = _evaluate(learner, cfg, scores)
+        report(stats, epoch, 0, results, scores)
     return metrics
 
 
@@ -525,9 +530,11 @@ def run(cfg: TrainConfig, ctx: JobContext) -> Outcome:
                       extra={"plan": plan.to_dict()})
     reader = result.checkpoint
     if reader is not None:
+        final = storage.join(run_uri, "final")
         if "eval.json" in reader.names():
             outcome.set_verification(json.loads(reader.read_bytes("eval.json")), ctx.tracker)
-        final = storage.join(run_uri, "final")
+        if SCORES_FILE in reader.names():
+            outcome.extra.update(publish_roc(reader.read_bytes(SCORES_FILE), final, ctx.tracker, cfg.name))
         backbone = reader.read_bytes("backbone.pt")
         storage.write_bytes_atomic(storage.join(final, "backbone.pt"), backbone)
         outcome.model_uri = storage.join(final, "model.pt")
