@@ -83,9 +83,9 @@ def build_study_assets(cfg: StudyConfig, folder: str, tracking: list[str], log=p
                     "source": "real split (difficulty x1)", "target": "world-hard renders (difficulty x1.6)"}
 
     log("[synray study] identity centroids of the LDMs' training split")
-    from synray.study.figures import centroids
+    from synray.evaluation.identity_stats import centres
 
-    _, cent = centroids(embedder.embed(images), ids)
+    _, cent = centres(embedder.embed(images), ids)
     np.save(os.path.join(folder, "training_centroids.npy"), cent.astype(np.float32))
     meta["seconds"] = time.perf_counter() - t0
     write_study_meta(folder, meta)
