@@ -28,9 +28,18 @@ FLAGS: dict[str, dict[str, tuple[str, list[str]]]] = {
         "--assets-only": ("only (re)build the world teacher and LDM into assets=DIR (default: synray/assets/world)",
                           ["assets_only=true"]),
     },
+    "study": {
+        "--tiny": ("CI size (about 6 minutes on 2 cores)", []),  # filled from synray.study.job.TINY
+        "--rebuild-assets": ("retrain the study's extra world assets first (CPD 0 and UIFace LDMs, nuisance regressor, "
+                             "CFSM model)", ["rebuild_assets=true"]),
+        "--assets-only": ("only (re)build the study's world assets into assets=DIR (default: synray/assets/world)",
+                          ["assets_only=true"]),
+    },
 }
+#: per-command flags whose overrides live in the job's module (``--tiny``), imported only when asked for (torch)
+FLAG_SOURCES = {("quickstart", "--tiny"): ("synray.quickstart", "TINY"), ("study", "--tiny"): ("synray.study.job", "TINY")}
 #: commands whose CONFIG may be left out (the project's recipe is used)
-DEFAULT_CONFIG = {"quickstart": "quickstart.yaml"}
+DEFAULT_CONFIG = {"quickstart": "quickstart.yaml", "study": "study/world.yaml"}
 #: commands that take config keys as positional arguments (``synray export URI DEST``) instead of CONFIG
 POSITIONAL: dict[str, list[tuple[str, str, str]]] = {
     "export": [("source", "URI", "the dataset: a synray dataset folder, rec://<train.rec> or folder://<root> (or +s3)"),
@@ -51,12 +60,11 @@ def _flag_overrides(command: str, args: argparse.Namespace) -> list[str]:
     out: list[str] = []
     for flag, (_, overrides) in FLAGS.get(command, {}).items():
         if getattr(args, flag.lstrip("-").replace("-", "_"), False):
-            if command == "quickstart" and flag == "--tiny":
-                from synray.quickstart import (
-                    TINY,  # the quickstart job's modules (torch) only when asked for
-                )
+            if (command, flag) in FLAG_SOURCES:
+                import importlib
 
-                overrides = TINY
+                module, name = FLAG_SOURCES[(command, flag)]
+                overrides = getattr(importlib.import_module(module), name)
             out += overrides
     return out
 

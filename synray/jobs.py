@@ -66,6 +66,8 @@ JOBS: dict[str, Job] = {j.kind: j for j in (
         "export a dataset to insightface RecordIO (train.rec) or an <identity>/<n>.jpg tree on Ray Data (re-run to resume)"),
     Job("report", "report", "synray.config.report:ReportConfig", "synray.report",
         "dataset report: counts, identity consistency and separability under an FR model, leakage, sample grid"),
+    Job("study", "study", "synray.config.study:StudyConfig", "synray.study.job",
+        "every seed method's recipe on the built-in world: the papers' claims as a table (local Ray)"),
 )}
 
 

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
@@ -64,10 +65,23 @@ def make_real_split(cfg: QuickstartConfig, tracking: list[str]) -> tuple[str, st
     return real_uri, bins, run_job(real).metrics
 
 
-def train_student(cfg: QuickstartConfig, name: str, data: str, bins: str, tracking: list[str]) -> Outcome:
+def train_student(cfg: QuickstartConfig, name: str, data: str, bins: str, tracking: list[str],
+                  extra: Sequence[str] = ()) -> Outcome:
+    """``synray train`` of the student recipe on ``data`` (``extra``: further overrides, e.g. a mixup); also the study's."""
     job = _stage(cfg.student, f"name={name}", f"epochs={cfg.student_epochs}", f"data.train={data}", f"eval.bins=[{bins}]",
-                 f"output.uri={os.path.join(cfg.output, 'students')}", *tracking)
+                 f"output.uri={os.path.join(cfg.output, 'students')}", *extra, *tracking)
     return run_job(job)
+
+
+def train_ldm(cfg: QuickstartConfig, real_uri: str, teacher: str, work: str, tracking: list[str], name: str = "ldm",
+              extra: Sequence[str] = ()) -> Outcome:
+    """``synray train-ldm`` of the world LDM recipe on the real split, contexts = ``teacher``'s embeddings
+    (``extra``: further overrides; the study trains its CPD 0 and UIFace LDMs this way)."""
+    return run_job(_stage(cfg.ldm, f"name={name}", f"training.steps={cfg.ldm_steps}",
+                          f"training.checkpoint_every={max(1, cfg.ldm_steps // 2)}",
+                          f"vq.fit.steps={cfg.vq_fit_steps}", "data.source=shards", f"data.path={real_uri}",
+                          "contexts.source=embedder", f"contexts.embedder={teacher}", f"output.uri={work}",
+                          *extra, *tracking))
 
 
 def build_assets(cfg: QuickstartConfig, real_uri: str, bins: str, dest: str, tracking: list[str]) -> dict[str, Any]:
@@ -76,11 +90,7 @@ def build_assets(cfg: QuickstartConfig, real_uri: str, bins: str, dest: str, tra
     teacher = run_job(_stage(cfg.teacher, "name=teacher", f"epochs={cfg.teacher_epochs}", f"data.train={real_uri}", f"eval.bins=[{bins}]",
                                   f"output.uri={work}", *tracking))
     teacher_path = teacher.model_uri
-    ldm = run_job(_stage(cfg.ldm, "name=ldm", f"training.steps={cfg.ldm_steps}",
-                               f"training.checkpoint_every={max(1, cfg.ldm_steps // 2)}",
-                               f"vq.fit.steps={cfg.vq_fit_steps}", "data.source=shards", f"data.path={real_uri}",
-                               "contexts.source=embedder", f"contexts.embedder={teacher_path}", f"output.uri={work}",
-                               *tracking))
+    ldm = train_ldm(cfg, real_uri, teacher_path, work, tracking)
     os.makedirs(dest, exist_ok=True)
     gen = dict(ldm.extra["generator"])
     shutil.copyfile(teacher_path, os.path.join(dest, "teacher.pt"))

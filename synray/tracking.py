@@ -6,6 +6,7 @@ server. Params are the flattened resolved config. Everything a Tracker sends (pa
 text-file artifacts) goes through :mod:`synray.redact`.
 
 * :func:`job_run` opens a job's run (a child run when another job's run is open: quickstart, study);
+  :func:`child_run` opens a named child of a job's run (the study's rows);
 * :func:`TrainMetricsToMLflow` is a Ray Train controller callback that logs rank 0's reports to the
   job's run (so workers never need the tracking store);
 * sweeps are one parent run with one child run per trial, written by Ray's ``MLflowLoggerCallback``
@@ -141,6 +142,21 @@ def job_run(
         params = flatten(redact(cfg.model_dump(mode="json")))
         tracker.log_params({k: (str(v)[:500] if isinstance(v, (list, dict)) else v) for k, v in params.items()})
         tracker.log_text(to_yaml(cfg), "config.yaml")
+        yield tracker
+
+
+@contextmanager
+def child_run(parent: Tracker, name: str, tags: Mapping[str, str] | None = None) -> Iterator[Tracker]:
+    """A child run of ``parent``'s run (one per study row): jobs started inside it become its children."""
+    if parent.run is None:
+        yield Tracker(None)
+        return
+    import mlflow
+
+    with mlflow.start_run(run_name=redact_text(name), nested=True,
+                          experiment_id=parent.run.info.experiment_id) as run:
+        tracker = Tracker(run, parent.uri)
+        tracker.set_tags({"synray.row": name, **(tags or {})})
         yield tracker
 
 

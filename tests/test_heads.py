@@ -223,3 +223,44 @@ def test_build_head_and_input_errors():
         head(torch.randn(2, 8), torch.tensor([0, 4]))
     with pytest.raises(ValueError, match="integer class ids"):
         head(torch.randn(2, 8), torch.tensor([0.0, 1.0]))
+
+
+def test_registry_adaface_is_the_training_recipe(golden, meta):
+    """``build_head("adaface")`` is AdaFace as its recipe trains it (config.py: t_alpha 0.01): logits, CE, gradients
+    and the EMA buffers after one batch match the reference run with that t_alpha, not the head's own default 1.0."""
+    (key, params), = [(k, p) for k, p in golden_keys(golden, "adaface_m{m}_h{h}_s{s}_talpha{t_alpha}")
+                      if p["t_alpha"] == 0.01]
+    head = build_head("adaface", *sizes(golden), s=params["s"], m=params["m"], h=params["h"])
+    assert head.t_alpha == params["t_alpha"]
+    head, _ = _run(head, golden, key)  # logits, CE and (stored for this key) gradients
+    after = f"adaface_talpha{key.rsplit('_talpha', 1)[1]}"
+    torch.testing.assert_close(head.batch_mean, golden[f"{after}_batch_mean_after"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(head.batch_std, golden[f"{after}_batch_std_after"], rtol=1e-6, atol=1e-6)
+    # with the class default the buffers move all the way to the batch statistics: a different head
+    other = AdaFace(*sizes(golden), s=params["s"], m=params["m"], h=params["h"])
+    other.load_class_centres(golden["kernel_DxC"])
+    other(golden["embeddings"], golden["labels"])
+    assert not torch.allclose(other.batch_mean, head.batch_mean)
+
+
+def test_cfsm_recipe_uses_cfsm_arcface(golden):
+    """``conf/train/cfsm_r50.yaml`` trains with CFSM's own ArcFace (th/mm, sqrt(1.000001 - t^2), differentiated
+    through), whose gradients are what its adversarial style step ascends: logits, CE and gradients of the head the
+    recipe builds equal the reference's, and differ from insightface's straight-through margin."""
+    from pathlib import Path
+
+    from synray.jobs import load_job
+
+    cfg = load_job(Path(__file__).resolve().parents[1] / "conf" / "train" / "cfsm_r50.yaml")
+    key, params = golden_key(golden, "cfsm_arcface_s{s}_m{m}")
+    assert (cfg.head.kwargs["s"], cfg.head.kwargs["m"]) == (params["s"], params["m"])
+    head = build_head(cfg.head.name, *sizes(golden), **cfg.head.kwargs)
+    _run(head, golden, key)
+    # the golden stores no gradients for CFSM's copy; its formula is TFace's up to the 1e-6 under the root, so its
+    # gradients are TFace's (stored) to that precision, and not insightface's straight-through ones
+    emb = golden["embeddings"].clone().requires_grad_(True)
+    F.cross_entropy(head(emb, golden["labels"]), golden["labels"]).backward()
+    tface, _ = golden_key(golden, TFACE_ARC)
+    insight, _ = golden_key(golden, INSIGHT_ARC)
+    torch.testing.assert_close(emb.grad, golden[f"{tface}_grad_emb"], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(emb.grad, golden[f"{insight}_grad_emb"], atol=1e-3)

@@ -49,10 +49,31 @@ def test_contexts_are_per_identity_and_deterministic():
     assert np.array_equal(sep[:10], C.separated_gaussian(0, np.arange(10), 8, 0.6, 200))
     with pytest.raises(C.ContextError, match="no context"):
         C.separated_gaussian(0, np.arange(50), 2, max_cosine=0.0, max_tries=3)
+
+
+def test_identity_mixup_draws_a_partner_and_a_weight_per_image():
+    """SynFace (data/syn_images.py): for every image j of identity i, another identity k and a weight phi from
+    np.linspace(0, 1.05, 21, endpoint=False) rounded to 3 decimals; the identity code is phi*id_i + (1-phi)*id_k."""
     ids = np.arange(20)
-    mixed = C.mixup(1, ids[5:9], ids, a[:20] if len(a) >= 20 else C.gaussian(1, ids, 512), 0.7)
-    assert np.all(mixed.partner != ids[5:9]) and np.all(np.isin(mixed.partner, ids))
-    assert np.allclose(mixed.weight, 0.7)
+    base = C.gaussian(1, ids, 16)
+    mixed = C.mixup(1, ids[5:9], ids, base, images_per_identity=12)
+    grid = set(np.round(np.linspace(0, 1.05, 21, endpoint=False), 3).tolist())
+    assert mixed.vectors.shape == (4, 12, 16) and mixed.partner.shape == mixed.weight.shape == (4, 12)
+    assert np.all(mixed.partner != ids[5:9, None]) and np.all(np.isin(mixed.partner, ids))
+    assert set(np.round(mixed.weight.astype(np.float64), 3).ravel().tolist()) <= grid
+    for row in range(4):  # one class spans a range of mixes and partners (12 distinct partners among 19 others)
+        assert len(set(mixed.weight[row].tolist())) > 3 and len(set(mixed.partner[row].tolist())) == 12
+        for k in range(12):
+            phi, p = float(mixed.weight[row, k]), int(mixed.partner[row, k])
+            want = phi * base[5 + row] + (1 - phi) * base[p]
+            np.testing.assert_allclose(mixed.vectors[row, k], want / np.linalg.norm(want), atol=1e-6)
+    # per identity, not per unit: the same identity in another unit draws the same images
+    again = C.mixup(1, ids[7:8], ids, base, images_per_identity=12)
+    assert np.array_equal(again.partner[0], mixed.partner[2]) and np.array_equal(again.weight[0], mixed.weight[2])
+    fixed = C.mixup(1, ids[:3], ids, base, images_per_identity=5, weights=[0.8])
+    assert np.all(fixed.weight == np.float32(0.8))
+    with pytest.raises(C.ContextError, match="two identities"):
+        C.mixup(1, ids[:1], ids[:1], base[:1], images_per_identity=2)
 
 
 def test_embeddings_file_errors(tmp_path):
@@ -126,11 +147,16 @@ def test_recipe_end_to_end_through_ray(ray_session, tiny_assets, tmp_path, name)
     assert summary["units_written"] == 3 and summary["manifest"]["identities"] == 6
     data = dataset_images(cfg.output.uri)
     kinds = {k[2] for k in data}
+    if name == "synface_mixup":
+        from synray.synthesis.units import base_contexts
+
+        ids = np.arange(6)
+        mixed = C.mixup(cfg.seed, ids, ids, base_contexts(cfg), cfg.generator.images_per_identity)
     assert len(data) == 6 * (2 + repeats) and kinds == ({"generated", "context"} if repeats else {"generated"})
     for (i, s, kind), (im, row) in data.items():
         assert im.shape == (112, 112, 3) and row["height"] == 112 and 0 <= i < 6
-        if name == "synface_mixup":
-            assert row["identity_b"] not in (-1, i) and abs(row["mix_weight"] - 0.8) < 1e-6
+        if name == "synface_mixup":  # each image carries the partner and weight drawn for it
+            assert row["identity_b"] == mixed.partner[i, s] != i and row["mix_weight"] == mixed.weight[i, s]
         if name == "admis":
             assert np.isfinite(row["quality"]) and -1 <= row["quality"] <= 1
     assert shards.read_manifest(cfg.output.uri)["rows"] == len(data)
@@ -257,3 +283,24 @@ def test_embedder_brings_faces_to_the_backbone_input_size(tmp_path):
     import cv2
     small = np.stack([cv2.resize(f, (32, 32), interpolation=cv2.INTER_AREA) for f in faces])
     assert np.allclose(emb.embed(small), out, atol=1e-6)
+
+
+def test_context_faces_are_embedded_once_unless_flip_is_asked(tiny_assets, tmp_path):
+    """ADMIS's extract_embed.py embeds each context face once; ``contexts.flip: true`` adds the mirror's embedding."""
+    from synray.models.inputs import embed_faces
+    from synray.models.export import load_any_backbone
+    from synray.synthesis.pipeline import context_faces
+    from synray.synthesis.stages import ContextFaceStage
+
+    model = load_any_backbone(str(tiny_assets / "embedder.pt")).eval()
+    for flip in (False, True):
+        cfg = recipe("admis", tiny_assets, tmp_path / "ds", [f"contexts.flip={str(flip).lower()}"])
+        ids = np.arange(4)
+        faces = context_faces(cfg, ids)
+        out = ContextFaceStage(cfg.model_dump(mode="json"))({"ids": [ids], "context_faces": [faces], "unit": [0]})
+        want = np.asarray(embed_faces(model, faces, flip=flip), np.float32)
+        want /= np.linalg.norm(want, axis=1, keepdims=True)
+        np.testing.assert_allclose(out["contexts"][0], want, atol=1e-5)
+        other = np.asarray(embed_faces(model, faces, flip=not flip), np.float32)
+        other /= np.linalg.norm(other, axis=1, keepdims=True)
+        assert np.abs(out["contexts"][0] - other).max() > 1e-3

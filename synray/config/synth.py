@@ -46,16 +46,33 @@ class SeparationConfig(StrictModel):
 
 
 class ContextMixupConfig(StrictModel):
-    """SynFace identity mixup: blend identity i's code with a partner's, weight ``phi`` on identity i."""
+    """SynFace identity mixup: every image of identity i blends i's code with a partner's, weight ``phi`` on i.
 
-    phi: float = Field(0.8, ge=0.0, le=1.0)
+    As SynFace (``data/syn_images.py``) does it, each image draws its own partner and its own ``phi`` from
+    ``weights`` (default SynFace's grid 0, 0.05, ..., 1), so one class spans a range of mixes; a one-value list
+    gives every image the same weight.
+    """
+
+    weights: list[float] | None = None
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (not v or any(not 0.0 <= w <= 1.0 for w in v)):
+            raise ValueError(f"must be a non-empty list of values in [0, 1], got {v}")
+        return v
 
 
 class ContextsConfig(StrictModel):
-    source: Literal["gaussian", "embeddings_file", "face_embeddings", "mixup"] = "gaussian"
+    #: ``empty``: the model's empty context for every image, i.e. unconditional samples (e.g. the faces of a context
+    #: database: ADMIS embeds faces of an unconditional model)
+    source: Literal["gaussian", "embeddings_file", "face_embeddings", "mixup", "empty"] = "gaussian"
     dim: int = Field(512, ge=2)
-    path: URI | None = None  # embeddings file (.npy / .parquet) or a folder of context face images
+    #: embeddings file (.npy / .parquet; for mixup: the rows it blends) or a folder of context face images
+    path: URI | None = None
     embedder: ModelRef | None = None  # FR model for face_embeddings: "world_teacher" or "<registry name>:<checkpoint>"
+    #: face_embeddings: also embed the mirrored face and add the two (flip fusion); ADMIS embeds each face once
+    flip: bool = False
     separation: SeparationConfig = SeparationConfig()
     mixup: ContextMixupConfig = ContextMixupConfig()
 

@@ -11,7 +11,8 @@ Each iteration makes two optimiser steps (SynthDistill ``train.py``):
 Randomness of iteration ``i`` derives from ``(seed, epoch, i)`` for the *global* batch, and rank ``r``
 takes rows ``[r B/W, (r+1) B/W)``: the data the student sees does not depend on the number of
 workers. Validation uses fixed latents drawn from ``(seed, "validation")`` so the reported cosine is
-comparable across epochs; ``val/cos_initial`` is the untrained student's value.
+comparable across epochs; ``val/cos_initial`` is the untrained student's value and ``val/cos_constant`` what a
+constant embedding (the teacher's mean direction on those images) reaches: a student that learnt only the mean.
 """
 
 from __future__ import annotations
@@ -133,13 +134,15 @@ class Distiller:
         return out
 
     @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        """Sum of MSE and cosine over this rank's rows of the fixed validation batches (and the row count)."""
+    def validate(self) -> dict[str, Any]:
+        """Sum of MSE and cosine over this rank's rows of the fixed validation batches, the row count, and the
+        teacher embeddings (unit, summed) a constant student would aim at (the constant-embedding baseline)."""
         v = self.cfg.validation
         batch = v.batch_size or self.cfg.batch_size
         self.student.eval()
         mse = cos = 0.0
         rows = 0
+        teacher = []
         for b in range(v.batches):
             w = self.generator.map(self.latents(VALIDATION_STREAM, b, batch=batch))
             crops = self.crops(w, VALIDATION_STREAM, b, 1)
@@ -148,7 +151,8 @@ class Distiller:
             mse += float(F.mse_loss(e_s, e_t, reduction="none").mean(1).sum())
             cos += float(F.cosine_similarity(e_s, e_t).sum())
             rows += e_s.shape[0]
-        return {"mse_sum": mse, "cos_sum": cos, "rows": rows}
+            teacher.append(F.normalize(e_t.float(), dim=1))
+        return {"mse_sum": mse, "cos_sum": cos, "rows": rows, "teacher": torch.cat(teacher)}
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, directory: str, meta: dict[str, Any]) -> None:
@@ -183,10 +187,15 @@ def distill_loop(cfg: DistillConfig, hooks: Hooks) -> dict[str, Any]:
         hooks.log(f"[synray distill] resumed from epoch {epoch} (step {step})")
     resumed_from = epoch if hooks.restore is not None else -1
 
-    def val() -> tuple[float, float]:
+    def val() -> tuple[float, float, float]:
+        """Mean MSE and cosine to the teacher, and the cosine the best constant embedding (the teacher's mean
+        direction) reaches on the same images: a student that only learnt the mean scores that."""
         v = d.validate()
         mse, cos, rows = all_reduce_sum([v["mse_sum"], v["cos_sum"], v["rows"]], d.device, hooks.world_size)
-        return mse / rows, cos / rows
+        mean = torch.tensor(all_reduce_sum(v["teacher"].sum(0).double().tolist(), d.device, hooks.world_size))
+        unit = F.normalize(mean, dim=0).to(v["teacher"])
+        constant = all_reduce_sum([float((v["teacher"] @ unit).sum())], d.device, hooks.world_size)[0]
+        return mse / rows, cos / rows, constant / rows
 
     if cos_initial is None:
         cos_initial = val()[1]
@@ -209,10 +218,11 @@ def distill_loop(cfg: DistillConfig, hooks: Hooks) -> dict[str, Any]:
         epoch += 1
         loss, loss2, cos = (np.asarray(all_reduce_sum(list(sums), d.device, hooks.world_size)) /
                             (cfg.iterations_per_epoch * hooks.world_size))
-        val_mse, val_cos = val()
+        val_mse, val_cos, val_constant = val()
         metrics = {
             "epoch": epoch, "step": step, "loss": float(loss), "loss_resampled": float(loss2), "train/cos": float(cos),
-            "val/mse": val_mse, "val/cos": val_cos, "val/cos_initial": cos_initial, "lr": lr,
+            "val/mse": val_mse, "val/cos": val_cos, "val/cos_initial": cos_initial, "val/cos_constant": val_constant,
+            "lr": lr,
             "images_per_second": cfg.batch_size * (2 if cfg.resampling else 1) * cfg.iterations_per_epoch / max(seconds, 1e-9),
             "world_size": hooks.world_size, "resumed_from_epoch": resumed_from,
         }

@@ -230,8 +230,9 @@ class AdaFace(MarginHead):
 
     The norm is standardised with EMA buffers ``batch_mean``/``batch_std`` (updated with
     ``t_alpha`` *before* use, on every call as in the reference), ``ẑ = clip(h·(n−μ)/(σ+eps), ±1)``;
-    the target angle moves by −m·ẑ and the target cosine by −(m + m·ẑ). The training recipe uses
-    ``t_alpha=0.01``; the head's own default is 1.0.
+    the target angle moves by −m·ẑ and the target cosine by −(m + m·ẑ). The class keeps the reference
+    head's own default ``t_alpha=1.0``; ``build_head("adaface")`` uses the AdaFace training recipe's
+    ``0.01`` (``config.py``), which is what training means by AdaFace.
     """
 
     def __init__(
@@ -428,9 +429,13 @@ def synface_mixup_loss(
 HEADS: dict[str, Callable[..., MarginHead]] = {
     "arcface": lambda d, c, **kw: ArcFace(d, c, **{"mode": "tface", **kw}),
     "arcface_insightface": lambda d, c, **kw: ArcFace(d, c, **{"mode": "insightface", **kw}),
+    # CFSM's own ArcFace (GuidedFaceRecognition/losses.py): th/mm, sqrt(1.000001 - t^2), differentiated through,
+    # centres [C, D] as its PartialFC stores them; its adversarial style step differentiates through this margin
+    "arcface_cfsm": lambda d, c, **kw: ArcFace(d, c, **{"mode": "tface", "sin_eps": 1e-6, "centres_layout": "CxD", **kw}),
     "cosface": lambda d, c, **kw: CosFace(d, c, **kw),
     "cosface_insightface": lambda d, c, **kw: CosFace(d, c, **{"centres_layout": "CxD", **kw}),
-    "adaface": lambda d, c, **kw: AdaFace(d, c, **kw),
+    # AdaFace's training recipe (config.py: t_alpha 0.01); the head class keeps the reference's own default 1.0
+    "adaface": lambda d, c, **kw: AdaFace(d, c, **{"t_alpha": 0.01, **kw}),
     "elastic_arc": lambda d, c, **kw: ElasticArcFace(d, c, **{"std": 0.05, **kw}),
     "elastic_arc_plus": lambda d, c, **kw: ElasticArcFace(d, c, **{"std": 0.0175, "plus": True, **kw}),
     "elastic_cos": lambda d, c, **kw: ElasticCosFace(d, c, **{"std": 0.05, **kw}),

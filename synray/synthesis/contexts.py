@@ -2,8 +2,8 @@
 
 * ``gaussian``: unit-sphere Gaussian contexts (IDiff-Face).
 * ``embeddings_file``: rows of a ``.npy``/``.parquet`` file, re-normalised (UIFace, ADMIS files).
-* ``mixup``: SynFace identity mixup, ``normalize(phi * c_i + (1 - phi) * c_partner)`` with the
-  partner recorded as a soft label.
+* ``mixup``: SynFace identity mixup, ``normalize(phi * c_i + (1 - phi) * c_partner)`` with a partner
+  and a ``phi`` drawn for every image (SynFace's grid 0, 0.05, ..., 1), recorded as the image's soft label.
 * ``face_embeddings`` is computed by an embedder in the pipeline and enters here as a file.
 
 The separation filter rejects a context whose cosine to an accepted one exceeds ``max_cosine``; the
@@ -13,6 +13,7 @@ k-th candidate of identity i comes from ``(seed, i, k)`` so the result is indepe
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 
 from synray.errors import UserError
 from synray.seeds import CONTEXT, PARTNER, rng
+from synray.training.mixup import SYNFACE_LAMBDAS
 
 
 class ContextError(UserError, ValueError):
@@ -28,7 +30,11 @@ class ContextError(UserError, ValueError):
 
 @dataclass
 class Contexts:
-    """Contexts for identities ``ids``; ``partner``/``weight`` are the soft labels (-1 / 1.0 if unmixed)."""
+    """Contexts for identities ``ids``; ``partner``/``weight`` are the soft labels (-1 / 1.0 if unmixed).
+
+    ``vectors`` is ``[identities, D]`` (one context per identity) or ``[identities, images, D]`` (one per image,
+    identity mixup), and ``partner``/``weight`` are ``[identities]`` or ``[identities, images]`` alike.
+    """
 
     ids: np.ndarray
     vectors: np.ndarray
@@ -116,15 +122,29 @@ def from_table(table: np.ndarray, ids: np.ndarray, dim: int, source: str) -> np.
     return _normalize(table[ids], ids, f"{source} (row = identity)")
 
 
-def mixup(seed: int, ids: np.ndarray, all_ids: np.ndarray, base: np.ndarray, phi: float) -> Contexts:
-    """SynFace identity mixup; ``base`` holds the unmixed contexts of ``all_ids`` (the whole run)."""
+def mixup(seed: int, ids: np.ndarray, all_ids: np.ndarray, base: np.ndarray, images_per_identity: int,
+          weights: Sequence[float] | None = None) -> Contexts:
+    """SynFace identity mixup per image; ``base`` holds the unmixed contexts of ``all_ids`` (the whole run).
+
+    Image k of identity i is made from ``normalize(phi_k * c_i + (1 - phi_k) * c_{p_k})``: SynFace
+    (``data/syn_images.py``) picks, for every image of an identity, another identity ``p_k`` (without
+    replacement while there are enough) and ``phi_k`` uniformly from its grid ``{0, 0.05, ..., 1}``
+    (``weights``), so a class spans a range of mixes. Draws come from ``(seed, i)``'s partner stream only.
+    """
     if len(all_ids) < 2:
         raise ContextError("identity mixup needs at least two identities")
-    index = {int(i): n for n, i in enumerate(all_ids)}
-    partners = np.empty(len(ids), np.int64)
-    for n, i in enumerate(ids):
-        j = int(rng(seed, int(i), PARTNER).integers(len(all_ids) - 1))
-        j = j + 1 if j >= index[int(i)] else j  # any identity but i itself
-        partners[n] = all_ids[j]
-    vec = phi * base[[index[int(i)] for i in ids]] + (1 - phi) * base[[index[int(p)] for p in partners]]
-    return Contexts(ids, _normalize(vec, ids, "identity mixup"), partners, np.full(len(ids), phi, np.float32))
+    grid = np.asarray(SYNFACE_LAMBDAS if weights is None else weights, np.float64)
+    n = int(images_per_identity)
+    index = {int(i): k for k, i in enumerate(all_ids)}
+    partners = np.empty((len(ids), n), np.int64)
+    phis = np.empty((len(ids), n), np.float64)
+    for row, i in enumerate(ids):
+        r = rng(seed, int(i), PARTNER)
+        others = np.delete(np.arange(len(all_ids)), index[int(i)])  # any identity but i itself
+        partners[row] = np.asarray(all_ids)[r.choice(others, size=n, replace=n > len(others))]
+        phis[row] = grid[r.integers(0, len(grid), size=n)]
+    own = base[[index[int(i)] for i in ids]][:, None, :]
+    other = base[[[index[int(p)] for p in row] for row in partners]]
+    vec = phis[..., None] * own + (1 - phis[..., None]) * other
+    flat = _normalize(vec.reshape(-1, vec.shape[-1]), np.repeat(ids, n), "identity mixup")
+    return Contexts(ids, flat.reshape(vec.shape), partners, phis.astype(np.float32))

@@ -15,17 +15,20 @@ from synray.models.inputs import embed_faces
 
 
 class Embedder:
-    def __init__(self, spec: str, device: str = "cpu", batch_size: int = 64):
+    """``flip``: add the mirror image's embedding before normalising (verification's flip fusion); ADMIS embeds each
+    context face once (``extract_embed.py``), which is what contexts use by default (``contexts.flip``)."""
+
+    def __init__(self, spec: str, device: str = "cpu", batch_size: int = 64, flip: bool = True):
         self.model = load_any_backbone(spec).eval().to(device)
-        self.spec, self.batch_size = spec, batch_size
+        self.spec, self.batch_size, self.flip = spec, batch_size, flip
 
     @torch.no_grad()
     def embed(self, images: np.ndarray) -> np.ndarray:
-        """L2-normalised, flip-fused embeddings ``[N, D]`` of uint8 RGB images ``[N, H, W, 3]``."""
+        """L2-normalised embeddings ``[N, D]`` of uint8 RGB images ``[N, H, W, 3]`` (flip-fused if ``flip``)."""
         if len(images) == 0:
             return np.zeros((0, 1), np.float32)
         # e.g. 112x112 context faces into a 32x32 world teacher
-        emb = np.asarray(embed_faces(self.model, images, batch_size=self.batch_size, flip=True), np.float32)
+        emb = np.asarray(embed_faces(self.model, images, batch_size=self.batch_size, flip=self.flip), np.float32)
         return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
 
 

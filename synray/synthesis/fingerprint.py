@@ -46,7 +46,7 @@ def input_files(cfg: SynthConfig) -> dict[str, tuple[str, str]]:
         files["generator.vq_decoder"] = ("", g.vq_decoder)
     if g.type == "dcgan" and importlib.util.find_spec("gan_face_generate") is not None:
         files["generator.weights"] = ("", str(importlib.resources.files("gan_face_generate") / "weights.tar"))
-    if c.path and c.source in ("embeddings_file", "face_embeddings"):
+    if c.path and c.source in ("embeddings_file", "face_embeddings", "mixup"):
         files["contexts.path"] = ("", c.path)
     if c.embedder and c.source == "face_embeddings":
         files["contexts.embedder"] = _embedder_file(c.embedder)

@@ -32,7 +32,10 @@ class Generator(Protocol):
     name: str
 
     def generate(self, ids: np.ndarray, contexts: np.ndarray, samples: np.ndarray) -> np.ndarray:
-        """``samples[k]`` images for ``ids[k]`` -> uint8 ``[sum, H, W, 3]``, identity-major order."""
+        """``samples[k]`` images for ``ids[k]`` -> uint8 ``[sum, H, W, 3]``, identity-major order.
+
+        ``contexts`` is ``[ids, D]`` (one per identity) or ``[ids, images, D]`` (one per image: identity mixup).
+        """
 
 
 class WorldGenerator:

@@ -94,13 +94,14 @@ class LDMGenerator:
         from synray.diffusion.ddim import to_device
 
         s = self.cfg.generator.sampler
-        jobs = [(int(i), k, c) for i, n, c in zip(ids, samples, contexts) for k in range(int(n))]
+        empty = self.cfg.contexts.source == "empty"  # unconditional: the UNet's empty context
+        jobs = [(int(i), k, c[k] if c.ndim == 2 else c) for i, n, c in zip(ids, samples, contexts) for k in range(int(n))]
         out = []
         for start in range(0, len(jobs), self.batch_size):
             chunk = jobs[start:start + self.batch_size]
             seeds = [sample_seed(self.cfg.seed, i, k) for i, k, _ in chunk]
             x_T = self._x_T(seeds)
-            ctx = to_device(torch.from_numpy(np.stack([c for _, _, c in chunk])).float(), x_T)
+            ctx = None if empty else to_device(torch.from_numpy(np.stack([c for _, _, c in chunk])).float(), x_T)
             # per-image noise streams keep a stochastic sampler's result independent of the batch composition
             noise = [torch_generator(sd ^ 0x5EED) for sd in seeds] if s.stochastic else None
             z = sample(s, self.model, x_T, ctx, generator=noise)
@@ -174,11 +175,11 @@ class DCGANGenerator:
 
     @torch.no_grad()
     def generate(self, ids: np.ndarray, contexts: np.ndarray, samples: np.ndarray) -> np.ndarray:
-        if contexts.shape[1] != self.nz:
+        if contexts.shape[-1] != self.nz:
             raise ValueError(f"the DCGAN takes {self.nz}-d latents; set contexts.dim: {self.nz}")
         zs = []
         for i, n, c in zip(ids, samples, contexts):
             for k in range(int(n)):
                 eps = torch.randn(self.nz, generator=torch_generator(sample_seed(self.cfg.seed, int(i), k)))
-                zs.append(torch.from_numpy(c).float() * np.sqrt(self.nz) + self.jitter * eps)
+                zs.append(torch.from_numpy(c[k] if c.ndim == 2 else c).float() * np.sqrt(self.nz) + self.jitter * eps)
         return to_uint8(self.net(torch.stack(zs)[:, :, None, None]))

@@ -59,14 +59,16 @@ def check_config(cfg: SynthConfig) -> None:
     src = cfg.contexts.source
     if cfg.identities.start % cfg.identities.unit_size:
         raise ValueError("identities.start must be a multiple of identities.unit_size (units are fixed)")
-    if cfg.contexts.separation.max_cosine is not None and src not in ("gaussian", "mixup"):
-        raise ValueError("contexts.separation applies to gaussian/mixup contexts only")
+    if cfg.contexts.separation.max_cosine is not None and (src not in ("gaussian", "mixup") or cfg.contexts.path):
+        raise ValueError("contexts.separation applies to Gaussian contexts only (source gaussian, or mixup without contexts.path)")
     if src == "face_embeddings" and not cfg.contexts.embedder:
         raise ValueError("contexts.embedder is required for source 'face_embeddings'")
     if cfg.augment.context_repeats and src != "face_embeddings":
         raise ValueError("augment.context_repeats needs context faces: set contexts.source to 'face_embeddings'")
     if cfg.quality.threshold is not None and not cfg.quality.embedder:
         raise ValueError("quality.threshold needs quality.embedder")
+    if src == "empty" and cfg.generator.type != "ldm":
+        raise ValueError("contexts.source 'empty' samples an LDM with its empty context: set generator.type ldm")
     if cfg.generator.type == "world" and src == "mixup":
         raise ValueError("the world generator renders identities directly; identity mixup needs generator.type ldm or dcgan")
     for key, (_, path) in input_files(cfg).items():

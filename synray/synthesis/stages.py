@@ -53,7 +53,7 @@ class ContextFaceStage:
         )
 
         self.cfg = SynthConfig.model_validate(cfg)
-        self.embedder = Embedder(self.cfg.contexts.embedder)
+        self.embedder = Embedder(self.cfg.contexts.embedder, flip=self.cfg.contexts.flip)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
         unit = unbatch(batch)
@@ -84,8 +84,10 @@ class GenerateStage:
         unit["identity"] = np.repeat(ids, n)
         unit["sample"] = np.tile(np.arange(n, dtype=np.int32), len(ids))
         unit["seed"] = np.array([sample_seed(self.cfg.seed, i, s) for i, s in zip(unit["identity"], unit["sample"])], np.int64)
-        unit["identity_b"] = np.repeat(unit["partner"].astype(np.int64), n)
-        unit["mix_weight"] = np.repeat(unit["weight"].astype(np.float32), n)
+        # soft labels per identity, or per image (identity mixup draws a partner and a weight for every image)
+        per_image = unit["partner"].ndim == 2
+        unit["identity_b"] = unit["partner"].astype(np.int64).reshape(-1) if per_image else np.repeat(unit["partner"].astype(np.int64), n)
+        unit["mix_weight"] = unit["weight"].astype(np.float32).reshape(-1) if per_image else np.repeat(unit["weight"].astype(np.float32), n)
         return rebatch(unit)
 
 
@@ -122,7 +124,10 @@ class FinishStage:
                 Embedder,  # torch: see the module docstring
             )
 
-            self.embedder = Embedder(self.cfg.quality.embedder)
+            c = self.cfg.contexts
+            # scored against the contexts when they come from the same model: embed the images the same way
+            same = c.source == "face_embeddings" and c.embedder == self.cfg.quality.embedder
+            self.embedder = Embedder(self.cfg.quality.embedder, flip=c.flip if same else True)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
         unit = unbatch(batch)

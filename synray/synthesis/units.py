@@ -57,7 +57,7 @@ def needs_base(cfg: SynthConfig) -> bool:
 def base_contexts(cfg: SynthConfig) -> np.ndarray:
     """The unmixed contexts of every identity of the run, for the sources of :func:`needs_base`."""
     c, all_ids = cfg.contexts, all_identities(cfg)
-    if c.source == "embeddings_file":
+    if c.source == "embeddings_file" or (c.source == "mixup" and c.path):  # mixup blends the file's rows
         return C.from_table(C.load_embeddings(c.path), all_ids, c.dim, c.path)
     if c.separation.max_cosine is not None:
         return C.separated_gaussian(cfg.seed, all_ids, c.dim, c.separation.max_cosine, c.separation.max_tries)
@@ -100,17 +100,17 @@ def unit_row(cfg: SynthConfig, unit: int, base: np.ndarray | None = None) -> dic
     if needs_base(cfg) and base is None:
         raise ValueError(f"contexts.source {src!r} needs the run's base contexts (base_contexts)")
     if src == "mixup":
-        mixed = C.mixup(cfg.seed, ids, all_identities(cfg), base, cfg.contexts.mixup.phi)
+        mixed = C.mixup(cfg.seed, ids, all_identities(cfg), base, cfg.generator.images_per_identity, cfg.contexts.mixup.weights)
         ctx, partner, weight = mixed.vectors, mixed.partner, mixed.weight
     else:
-        if src == "face_embeddings":
-            ctx = np.zeros((len(ids), cfg.contexts.dim), np.float32)  # filled by ContextFaceStage
+        if src in ("face_embeddings", "empty"):  # filled by ContextFaceStage / none: the model's empty context
+            ctx = np.zeros((len(ids), cfg.contexts.dim), np.float32)
         elif base is not None:
             ctx = base[ids - cfg.identities.start]
         else:
             ctx = C.gaussian(cfg.seed, ids, cfg.contexts.dim)  # per identity: the same rows as over the whole run
         partner, weight = np.full(len(ids), -1, np.int64), np.ones(len(ids), np.float32)
-    if src != "face_embeddings":  # those are checked where the embedder computes them
+    if src not in ("face_embeddings", "empty"):  # those are checked where the embedder computes them
         C.check_rows(ctx, ids, f"contexts ({src})")
     row = {"unit": np.int64(unit), "ids": ids, "contexts": ctx.astype(np.float32), "partner": partner, "weight": weight}
     if src == "face_embeddings":

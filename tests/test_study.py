@@ -1,0 +1,120 @@
+"""``synray study``: its config, the claims logic, the table, and (slow) the CI-size study as a user types it.
+
+The claims asserted by :func:`test_tiny_study_end_to_end` are those that held on 3 world seeds at ``--tiny`` size
+with the shipped assets; the figures behind that choice are in ``tests/data/study_tiny_seeds.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from synray.config import ConfigError, load_config
+from synray.config.study import ClaimConfig, StudyConfig
+from synray.study.claims import evaluate, evaluate_all, figure_value
+from synray.study.rows import RowResult, expand_rows
+from synray.study.table import format_claims, format_table
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / "conf" / "study" / "world.yaml"
+SEEDS = ROOT / "tests" / "data" / "study_tiny_seeds.json"
+
+
+def _row(name, frontal=None, hard=None, **figures):
+    v = None
+    if frontal is not None:
+        v = {"world-frontal": {"accuracy": frontal}, "world-hard": {"accuracy": hard},
+             "average": {"accuracy": (frontal + hard) / 2}}
+    return RowResult(name, name, "synth", verification=v, figures=figures)
+
+
+def test_study_config_validates_rows_claims_and_tiny():
+    from synray.study.job import TINY
+
+    cfg = load_config(STUDY, StudyConfig)
+    rows = expand_rows(cfg)
+    # every seed method has its row, each LDM row its fast-sampler twin
+    for name in ("real", "idiff_face", "idiff_face_fast", "admis", "admis_fast", "uiface", "uiface_fast", "synface",
+                 "synface_nomix", "cfsm", "distill_coef0", "distill_coef1", "cpd0_guided", "cpd25_guided",
+                 "uiface_one_stage", "admis_x2"):
+        assert name in rows, name
+    assert rows["admis_fast"].overrides[-1].startswith("generator.sampler=") and "dpmpp" in rows["admis_fast"].overrides[-1]
+    for claim in cfg.claims.values():  # every claim names rows that exist
+        assert claim.row in rows and (claim.baseline is None or claim.baseline in rows)
+    tiny = load_config(STUDY, StudyConfig, TINY)
+    assert tiny.tiny and tiny.synth_identities == tiny.world.train_identities < cfg.synth_identities
+    with pytest.raises(ConfigError, match="rows.cfsm.data: no row named 'nope'"):
+        load_config(STUDY, StudyConfig, ["rows.cfsm.data=nope"])
+    with pytest.raises(ConfigError, match="ldm"):
+        load_config(STUDY, StudyConfig, ["rows.admis.ldm=null"])
+    with pytest.raises(ConfigError, match="claims.context_faces: .*exactly one"):
+        load_config(STUDY, StudyConfig, ["claims.context_faces.at_least=0.5"])
+
+
+def test_claims_compare_rows_and_fail_when_the_effect_is_absent():
+    rows = {"real": _row("real", 0.9, 0.7), "a": _row("a", 0.8, 0.6, consistency=0.7, **{"spread/pose": 5.0}),
+            "b": _row("b", 0.7, 0.6, consistency=0.6, **{"spread/pose": 4.0}), "c": _row("c", 0.85, 0.62)}
+    holds = ClaimConfig(paper="p", text="t", row="a", baseline="b", figure="consistency")
+    assert evaluate("x", holds, rows).holds is True
+    assert evaluate("x", holds.model_copy(update={"row": "b", "baseline": "a"}), rows).holds is False
+    # a tie is not a gain, unless the claim is "no less than"
+    tie = ClaimConfig(paper="p", text="t", row="a", baseline="b", figure="world-hard")
+    assert evaluate("x", tie, rows).holds is False
+    assert evaluate("x", tie.model_copy(update={"allow_equal": True}), rows).holds is True
+    # "also" conditions must hold with it
+    both = holds.model_copy(update={"also": [ClaimConfig(paper="p", text="t", row="b", baseline="a", figure="average")]})
+    assert evaluate("x", both, rows).holds is False
+    # gap to real: c (avg 0.735) is closer to real (0.8) than b (0.65)
+    gap = ClaimConfig(paper="p", text="t", row="c", baseline="b", figure="average", gap_to_real=True)
+    res = evaluate("x", gap, rows)
+    assert res.holds is True and res.figures["c gap to real average"] == pytest.approx(0.8 - 0.735)
+    assert evaluate("x", ClaimConfig(paper="p", text="t", row="a", figure="world-frontal", at_least=0.81), rows).holds is False
+    assert evaluate("x", ClaimConfig(paper="p", text="t", row="a", figure="world-frontal", at_least=0.8), rows).holds is True
+    # a row that was not made: not measured, never "holds"
+    missing = evaluate("x", holds.model_copy(update={"baseline": "zzz"}), rows)
+    assert missing.holds is None and figure_value(rows, "zzz", "average") is None
+
+
+def test_table_prints_every_row_and_claim():
+    rows = {"real": _row("real", 0.9, 0.7, consistency=0.81), "a": _row("a", 0.8, 0.6, consistency=0.7)}
+    rows["real"].uses_real = True
+    text = format_table(rows)
+    assert "90.0" in text and "0.700" in text and text.count("\n") > 3
+    claims = evaluate_all({"k": ClaimConfig(paper="ADMIS", text="better", row="a", baseline="real", figure="average")}, rows)
+    assert "ADMIS: better -> DOES NOT HOLD" in format_claims(claims)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_tiny_study_end_to_end(tmp_path):
+    """``synray study conf/study/world.yaml --tiny`` typed in a fresh clone with the shipped assets: the table, the
+    claims that held on 3 world seeds at this size (tests/data/study_tiny_seeds.json), results.json and MLflow."""
+    from test_quickstart import fresh_clone, synray
+
+    seeds = json.loads(SEEDS.read_text())
+    clone = fresh_clone(tmp_path / "synray")
+    out = synray(clone, "study", "conf/study/world.yaml", "--tiny", timeout=1400)
+    result = json.loads((clone / "outputs" / "study" / "results.json").read_text())
+    assert "claims (each seed paper's headline" in out and "real (baseline)" in out
+    assert not (clone / "outputs" / "study" / "assets").exists()  # nothing rebuilt: the shipped assets were used
+    made = result["rows"]
+    assert set(made) == set(seeds["rows"])
+    for name, row in made.items():
+        if row["verification"] is not None:
+            assert set(row["verification"]) == {"world-frontal", "world-hard", "average"}, name
+    # the real baseline learnt the world at this size (seen on 3 seeds: see the record)
+    assert made["real"]["verification"]["average"]["accuracy"] >= seeds["real_average_min"], result["table"]
+    for name in seeds["asserted"]:
+        assert result["claims"][name]["holds"] is True, (name, result["claims"][name], result["table"])
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{clone / 'mlruns' / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["synray-study"], output_format="list")
+    parent = [r for r in runs if r.data.tags.get("synray.job") == "study"]
+    children = {r.data.tags.get("synray.row"): r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id and r.data.tags.get("synray.row")}
+    assert set(children) == set(made)
+    arts = {a.path for a in mlflow.MlflowClient().list_artifacts(children["admis"].info.run_id)}
+    assert "admis_samples.png" in arts and "figures/consistency" in children["admis"].data.metrics
