@@ -23,6 +23,7 @@ from synray.io.images import encode_image
 from synray.jobs import load_job
 from synray.models.cfsm import CFSMGenerator
 from synray.models.heads import SynFaceArcMargin, build_head, synface_mixup_loss
+from synray.models.inputs import normalize_images
 from synray.training.cfsm_aug import adversarial_styles, real_synth_indices
 from synray.training.checkpointing import (
     CheckpointReader,
@@ -397,9 +398,18 @@ def test_learner_steps_with_mixups_and_cfsm(tmp_path):
     # CFSM: 75/25 mix of 8 rows -> 6 + 2 rows reach the classifier
     cfg = _tiny_cfg(tmp_path, cfsm={"enabled": True, "checkpoint": str(gpath), "generator": gkw})
     learner = Learner(cfg, _plan(6))
-    res = learner.step(_batch(8, 6, gen), 0, 0.05)
+    seen = []  # every batch the backbone embeds: the style step's passes, then the training pass
+    embed = learner._embed
+    learner._embed = lambda module, x: (seen.append(x.detach().clone()), embed(module, x))[1]
+    batch = _batch(8, 6, gen)
+    res = learner.step(batch, 0, 0.05)
     assert res.rows == 8 and math.isfinite(res.loss)
     assert all(p.grad is None for p in learner.generator.parameters())
+    inputs = normalize_images(learner.backbone_module, batch["image"].float())
+    x = seen[-1]
+    # 6 rows are input images as they are, 2 are restyled by the generator: none of them equals an input
+    dist = torch.cdist(x.flatten(1), inputs.flatten(1)).min(dim=1).values
+    assert x.shape[0] == 8 and (dist[:6] < 1e-5).all() and (dist[6:] > 1.0).all(), dist
 
 
 def test_checkpoint_resumes_on_a_different_worker_count(tmp_path):

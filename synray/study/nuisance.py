@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from synray.models.export import load_exported_backbone, read_exported, save_backbone
-from synray.models.registry import build_backbone, normalize_images
+from synray.models.inputs import normalize_images
+from synray.models.registry import build_backbone
 from synray.seeds import derive
 from synray.world.factors import NuisanceFactors
 
