@@ -38,7 +38,7 @@ class CrashOnce(Callback):
         if step == self.step and hooks.rank == self.rank and not os.path.exists(self.marker):
             import ray.train
 
-            ray.train.get_all_reported_checkpoints(timeout_s=120)
+            ray.train.get_all_reported_checkpoints(timeout_s=600)  # a loaded machine registers late
             with open(self.marker, "w") as fh:
                 fh.write(f"rank {hooks.rank} exited at step {step}\n")
             os._exit(1)
@@ -88,7 +88,7 @@ class KillMidUpload(Callback):
         try:  # under Ray Train: die in steady state, once the controller has registered the earlier checkpoints
             import ray.train
 
-            ray.train.get_all_reported_checkpoints(timeout_s=120)
+            ray.train.get_all_reported_checkpoints(timeout_s=600)  # a loaded machine registers late
         except Exception:  # noqa: BLE001 - a Tune trial: its reports are registered as they are made
             pass
 

@@ -165,7 +165,7 @@ def test_ldm_cpd_sweep_with_asha_on_an_mlflow_server(ray_session, world_teacher,
         "objective.identities=4", "objective.images_per_identity=2", "objective.sampler.steps=2"])
     info = LatentsInfo.from_dict(json.loads((tmp_path / "ldm" / "world_tiny" / "latents" / "latents.json").read_text()))
     contexts = training_contexts(info, sweep_cfg.objective.identities)
-    embedder = load_any_backbone(world_teacher).eval()
+    embedder = load_any_backbone(str(world_teacher)).eval()
     for value, t in cpd.items():
         assert t["metrics"]["step"] == 4
         last = sorted(Path(t["path"]).glob("checkpoint_*"))[-1]
