@@ -237,8 +237,13 @@ def test_distill_on_ray_train_two_workers(ray_session, world_teacher, tmp_path):
         "iterations_per_epoch=6"]), quiet=True)
     m = out.metrics
     assert m["epoch"] == 3 and m["world_size"] == 2 and m["step"] == 3 * 6 * 2
-    assert m["val/cos"] > m["val/cos_initial"] + 0.2, m  # the student learns the teacher's embedding
-    assert 0.5 <= m["val/world-frontal/accuracy"] <= 1.0 and "world-frontal" in out.table
+    assert m["val/cos"] > m["val/cos_initial"] + 0.2, m  # the student moves towards the teacher's embedding
+    # at 36 steps it is still short of the best constant embedding (the teacher's mean direction), which the
+    # job reports beside it; beating it is the study's SynthDistill claim, at the study's size
+    assert "val/cos_constant" in m and "world-frontal" in out.table
+    # yet it verifies held-out identities far above a constant embedding, which is at chance (0.5: every pair has
+    # the same cosine); seen here: 98.3%
+    assert m["val/world-frontal/accuracy"] >= 0.75, m
     assert load_any_backbone(out.model_uri).embedding_dim == 32
     summary = json.loads(storage.read_bytes(storage.join(out.output_uri, "final", "summary.json")))
     assert summary["model_uri"] == out.model_uri

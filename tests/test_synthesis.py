@@ -140,11 +140,12 @@ def recipe(name, tiny, out, extra=()):
 @pytest.mark.ray
 @pytest.mark.parametrize("name", ["idiff_face", "admis", "uiface", "synface_mixup"])
 def test_recipe_end_to_end_through_ray(ray_session, tiny_assets, tmp_path, name):
-    extra = ["alignment.mode=resize"] if name == "idiff_face" else []
+    # IDiff-Face samples with all 1000 DDPM steps: one unit of 6 identities in one batch keeps that to 1000 calls
+    extra = ["alignment.mode=resize", "identities.unit_size=6", "generator.batch_size=12"] if name == "idiff_face" else []
     cfg = recipe(name, tiny_assets, tmp_path / "ds", extra)
     summary = run_synthesis(cfg)
     repeats = cfg.augment.context_repeats
-    assert summary["units_written"] == 3 and summary["manifest"]["identities"] == 6
+    assert summary["units_written"] == 6 // cfg.identities.unit_size and summary["manifest"]["identities"] == 6
     data = dataset_images(cfg.output.uri)
     kinds = {k[2] for k in data}
     if name == "synface_mixup":
@@ -287,8 +288,8 @@ def test_embedder_brings_faces_to_the_backbone_input_size(tmp_path):
 
 def test_context_faces_are_embedded_once_unless_flip_is_asked(tiny_assets, tmp_path):
     """ADMIS's extract_embed.py embeds each context face once; ``contexts.flip: true`` adds the mirror's embedding."""
-    from synray.models.inputs import embed_faces
     from synray.models.export import load_any_backbone
+    from synray.models.inputs import embed_faces
     from synray.synthesis.pipeline import context_faces
     from synray.synthesis.stages import ContextFaceStage
 
