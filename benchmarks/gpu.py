@@ -34,6 +34,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,27 @@ def check_flops(flops: dict[str, float]) -> list[str]:
             if abs(flops[k] / v - 1) > FLOP_TOLERANCE]
 
 
+def measure_cell(rows: list[dict], raw: dict, key: str, row: dict, estimate: float, budget: Budget,
+                 device: torch.device, label: str, measure) -> dict | None:
+    """One table cell: skipped when its ``estimate`` no longer fits the budget, a "failed" row when ``measure``
+    raises (e.g. a compile error must not hide the other variants), else ``measure()``'s record (also in ``raw``)."""
+    if not budget.allows(estimate):
+        rows.append({**row, "value": None, "note": "skipped: time budget"})
+        return None
+    log(label)
+    try:
+        r = measure()
+    except Exception as exc:  # noqa: BLE001
+        rows.append({**row, "value": None, "note": f"failed: {type(exc).__name__}: {str(exc)[:120]}"})
+        raw[key] = {"error": repr(exc)}
+        return None
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    raw[key] = r
+    return r
+
+
 def ceiling(gflop_per_item: float) -> float:
     return H100_FLOPS / (gflop_per_item * 1e9)
 
@@ -199,20 +221,10 @@ def generation(device: torch.device, quick: bool, flops: dict, budget: Budget) -
         row = {"section": "generation", "measured": f"{name}", "setting": variant, "unit": "img/s",
                "H100 ceiling": ceiling(per_image)}
         estimate = 8.0 if quick else (120.0 if "compile" in variant else 25.0)
-        if not budget.allows(estimate):
-            rows.append({**row, "value": None, "note": "skipped: time budget"})
+        r = measure_cell(rows, raw, f"{name} / {variant}", row, estimate, budget, device, f"generation: {name}, {variant}",
+                         partial(generation_cell, unet, vq, latent, block, VARIANTS[variant], device, quick, 6.0))
+        if r is None:
             continue
-        log(f"generation: {name}, {variant}")
-        try:
-            r = generation_cell(unet, vq, latent, block, VARIANTS[variant], device, quick, 6.0)
-        except Exception as exc:  # noqa: BLE001 - one failing variant (e.g. a compile error) must not hide the rest
-            rows.append({**row, "value": None, "note": f"failed: {type(exc).__name__}: {str(exc)[:120]}"})
-            raw[f"{name} / {variant}"] = {"error": repr(exc)}
-            continue
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        raw[f"{name} / {variant}"] = r
         rows.append({**row, "value": r["images_per_second"], "of ceiling": r["images_per_second"] / row["H100 ceiling"],
                      "note": f"batch {r['batch']}, {r['images']} images"})
     measured = [r for r in rows if r["measured"] == FAST and r.get("value")]
@@ -342,20 +354,11 @@ def ir50(device: torch.device, quick: bool, flops: dict, budget: Budget) -> tupl
     for name, v in variants.items():
         row = {"section": "IR-50 + ArcFace training", "measured": f"images/s ({what})", "setting": name,
                "unit": "img/s", "H100 ceiling": peak}
-        if not budget.allows(8.0 if quick else (90.0 if "compile" in name else 25.0)):
-            rows.append({**row, "value": None, "note": "skipped: time budget"})
+        estimate = 8.0 if quick else (90.0 if "compile" in name else 25.0)
+        r = measure_cell(rows, raw, name, row, estimate, budget, device, f"IR-50 training: {name}",
+                         partial(ir50_cell, v, device, quick, 0.5 if quick else 8.0))
+        if r is None:
             continue
-        log(f"IR-50 training: {name}")
-        try:
-            r = ir50_cell(v, device, quick, 0.5 if quick else 8.0)
-        except Exception as exc:  # noqa: BLE001
-            rows.append({**row, "value": None, "note": f"failed: {type(exc).__name__}: {str(exc)[:120]}"})
-            raw[name] = {"error": repr(exc)}
-            continue
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        raw[name] = r
         rows.append({**row, "value": r["images_per_second"], "of ceiling": r["images_per_second"] / peak,
                      "note": f"{r['steps']} steps", "target": f">= {TARGET_IR50:,.0f}",
                      "status": status(r["images_per_second"], TARGET_IR50, quick)})
@@ -406,20 +409,10 @@ def ldm(device: torch.device, quick: bool, flops: dict, budget: Budget) -> tuple
     for name, v in {"fp32": {"precision": "fp32"}, "bf16": {"precision": "bf16"}}.items():
         row = {"section": "LDM training", "measured": f"steps/s (batch {batch})", "setting": name, "unit": "steps/s",
                "H100 ceiling": peak}
-        if not budget.allows(8.0 if quick else 25.0):
-            rows.append({**row, "value": None, "note": "skipped: time budget"})
+        r = measure_cell(rows, raw, name, row, 8.0 if quick else 25.0, budget, device, f"LDM training: {name}",
+                         partial(ldm_cell, v, device, quick, 0.5 if quick else 6.0))
+        if r is None:
             continue
-        log(f"LDM training: {name}")
-        try:
-            r = ldm_cell(v, device, quick, 0.5 if quick else 6.0)
-        except Exception as exc:  # noqa: BLE001
-            rows.append({**row, "value": None, "note": f"failed: {type(exc).__name__}: {str(exc)[:120]}"})
-            raw[name] = {"error": repr(exc)}
-            continue
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        raw[name] = r
         rows.append({**row, "value": r["steps_per_second"], "of ceiling": r["steps_per_second"] / peak,
                      "note": f"{r['latents_per_second']:.0f} latents/s"})
     return rows, raw
