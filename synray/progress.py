@@ -30,6 +30,7 @@ class JobProgress:
         self.title, self.total, self.unit, self.quiet, self.every_s = title, total, unit, quiet, every_s
         self.t0 = time.perf_counter()
         self._last_line = 0.0
+        self._printed_final = False
         self._live = None
         if not quiet and sys.stderr.isatty():
             from rich.console import Console
@@ -52,8 +53,11 @@ class JobProgress:
             self._live.update(text)
             return
         now = time.perf_counter()
-        if now - self._last_line >= self.every_s or (self.total and done >= self.total):
-            self._last_line = now
+        final = bool(self.total) and done >= self.total
+        if final and self._printed_final:
+            return  # the driver keeps polling the board after the last step: one final line, not one per poll
+        if now - self._last_line >= self.every_s or final:
+            self._last_line, self._printed_final = now, final
             print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
