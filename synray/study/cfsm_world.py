@@ -95,12 +95,12 @@ def fit_cfsm(source: np.ndarray, target: np.ndarray, embed: nn.Module, steps: in
             loss_id = torch.mean((d_id - target_distance(o)) ** 2)
             loss_gan = D.loss(fake, 1.0)
             loss_g = loss_gan + LAMBDA_ID * loss_id + regu
-            last.update(gan=float(loss_gan), identity=float(loss_id))
+            last.update(gan=float(loss_gan.detach()), identity=float(loss_id.detach()))
         else:
             _, fake, regu = G(x, torch.zeros(batch_size, G.style_dim))
             loss_pix = torch.mean(torch.abs(x - fake))
             loss_g = loss_pix + regu
-            last.update(pixel=float(loss_pix))
+            last.update(pixel=float(loss_pix.detach()))
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
@@ -108,7 +108,7 @@ def fit_cfsm(source: np.ndarray, target: np.ndarray, embed: nn.Module, steps: in
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()
-        last.update(discriminator=float(loss_d), regu=float(regu))
+        last.update(discriminator=float(loss_d.detach()), regu=float(torch.as_tensor(regu).detach()))
         if log_every and (it + 1) % log_every == 0:
             print(f"[cfsm] step {it + 1}/{steps} " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(last.items())), flush=True)
     return G.eval().requires_grad_(False), last
