@@ -28,6 +28,8 @@ def quickstart_config(cfg: StudyConfig, folder: str, tracking: list[str], world:
     pinned = [] if world is None else [
         f"world.{k}={'null' if world.get(k) is None else world[k]}"
         for k in ("seed", "difficulty", "train_identities", "images_per_identity", "verification_pairs")]
+    if world is not None and cfg.build.ldm_steps is not None:
+        pinned.append(f"ldm_steps={cfg.build.ldm_steps}")
     return load_job(cfg.quickstart.config, [
         *cfg.quickstart.overrides, *pinned, f"output={os.path.join(cfg.output, 'assets-build')}", f"assets={folder}",
         "assets_only=true", "rebuild_assets=true", *tracking], kind="quickstart")
@@ -77,7 +79,8 @@ def build_study_assets(cfg: StudyConfig, folder: str, tracking: list[str], log=p
     embedder = Embedder(teacher, flip=False)
     target, _ = render_set(seed, range(int(ids.max()) + 1), b.cfsm_target_images, (1.6, 1.6), sample_offset=500_000)
     small = np.stack([_resize(im, 32) for im in images])
-    G, losses = fit_cfsm(small, target, _TeacherOnUnit(embedder.model), steps=b.cfsm_steps, seed=seed)
+    G, losses = fit_cfsm(small, target, _TeacherOnUnit(embedder.model), steps=b.cfsm_steps, seed=seed,
+                         log_every=max(1, b.cfsm_steps // 10), log=log)
     save_cfsm(G, os.path.join(folder, "cfsm.pt"), {"steps": b.cfsm_steps, "losses": losses})
     meta["cfsm"] = {"generator": WORLD_GENERATOR, "steps": b.cfsm_steps, "losses": losses,
                     "source": "real split (difficulty x1)", "target": "world-hard renders (difficulty x1.6)"}

@@ -70,7 +70,7 @@ def _to_input(images: np.ndarray) -> torch.Tensor:
 
 
 def fit_cfsm(source: np.ndarray, target: np.ndarray, embed: nn.Module, steps: int = 2000, batch_size: int = 32,
-             lr: float = 1e-4, seed: int = 0, log_every: int = 0) -> tuple[CFSMGenerator, dict[str, float]]:
+             lr: float = 1e-4, seed: int = 0, log_every: int = 0, log=print) -> tuple[CFSMGenerator, dict[str, float]]:
     """Train a :class:`CFSMGenerator` (:data:`WORLD_GENERATOR`) mapping ``source`` images towards ``target``'s domain.
 
     ``embed``: a frozen FR model taking [-1, 1] images of the generator's size and returning embeddings.
@@ -110,7 +110,7 @@ def fit_cfsm(source: np.ndarray, target: np.ndarray, embed: nn.Module, steps: in
         opt_d.step()
         last.update(discriminator=float(loss_d.detach()), regu=float(torch.as_tensor(regu).detach()))
         if log_every and (it + 1) % log_every == 0:
-            print(f"[cfsm] step {it + 1}/{steps} " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(last.items())), flush=True)
+            log(f"[synray study] CFSM step {it + 1}/{steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(last.items())))
     return G.eval().requires_grad_(False), last
 
 
