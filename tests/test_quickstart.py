@@ -27,6 +27,7 @@ def test_quickstart_config_validates_and_tiny_applies():
 
 SHIPPED_FILES = ("teacher.pt", "unet.ckpt", "vq_decoder.pt")
 TINY_RECORD = os.path.join(os.path.dirname(__file__), "data", "quickstart_tiny_assets.json")
+STUDY_TINY_RECORD = os.path.join(os.path.dirname(__file__), "data", "study_tiny_assets.json")
 
 
 def _tensors(path: str) -> dict:
@@ -77,6 +78,7 @@ def synray(cwd: Path, *args: str, timeout: float = 1100) -> str:
     return out.stdout
 
 
+@pytest.mark.commands
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_tiny_quickstart_end_to_end(tmp_path):
@@ -131,14 +133,16 @@ def test_tiny_quickstart_end_to_end(tmp_path):
     assert decode_image(open(grid, "rb").read()).shape[:2] == (8 * (size + 2) - 2, 8 * (size + 2) - 2)
 
 
+@pytest.mark.commands
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(2400)
 def test_world_assets_rebuild_within_tolerance_from_another_directory(tmp_path):
     """The documented command (``synray quickstart --rebuild-assets --assets-only``) at tiny size, typed in an empty
     directory outside the clone: the project's recipe is found, the relative output and tracking store land in that
     directory (the teacher's verification runs in Ray Train workers, which change directory, on the bins under it),
     and the build regenerates the recorded tiny build: same files and architecture as the shipped checkpoints, the
     same generator settings, and a teacher and LDM that reach the recorded accuracy and loss within tolerance.
+    Then the study's extras (``synray study --rebuild-assets --assets-only``) on top of them, the same way.
     (Ray Data feeds Train workers in completion order, so weights are not bit-identical from run to run.)"""
     from synray.quickstart import packaged_assets
 
@@ -163,3 +167,27 @@ def test_world_assets_rebuild_within_tolerance_from_another_directory(tmp_path):
     got, ref = meta["ldm_metrics"]["loss"], record["ldm_metrics"]["loss"]
     assert meta["ldm_metrics"]["step"] == record["ldm_metrics"]["step"]
     assert abs(got - ref) <= 0.1 * ref, (got, ref)
+
+    # the study's extras on top of them (`synray study --rebuild-assets --assets-only`, tiny): CPD 0 and UIFace
+    # LDMs by the same train-ldm recipe, the nuisance regressor, the CFSM model; compared with the recorded build
+    from synray.study.assets import EXTRA_LDMS, ldm_files, load_study_assets
+
+    study_record = json.loads(open(STUDY_TINY_RECORD).read())
+    out = synray(work, "study", "--tiny", "--rebuild-assets", "--assets-only", "--set", f"assets={dest}")
+    assert "nuisance regressor held-out R^2" in out and not (work / "outputs" / "study" / "data").exists()
+    built = load_study_assets(str(dest))
+    assert built.world == record["world"] and built.meta["world"] == study_record["world"]
+    for name in EXTRA_LDMS:
+        for file in ldm_files(name):  # the same architectures as the shipped study LDMs
+            got, shipped = _tensors(str(dest / file)), _tensors(os.path.join(packaged_assets(), file))
+            assert {k: tuple(v.shape) for k, v in got.items()} == {k: tuple(v.shape) for k, v in shipped.items()}, file
+        m, ref = built.meta["ldms"][name]["metrics"], study_record["ldms"][name]["metrics"]
+        assert m["step"] == ref["step"] and abs(m["loss"] - ref["loss"]) <= 0.15 * ref["loss"], (name, m, ref)
+    for factor, ref in study_record["nuisance"]["heldout_r2"].items():
+        got = built.meta["nuisance"]["heldout_r2"][factor]
+        assert abs(got - ref) <= 0.1, (factor, got, ref)
+    assert built.meta["cfsm"]["generator"] == study_record["cfsm"]["generator"]
+    for key, ref in study_record["cfsm"]["losses"].items():
+        got = built.meta["cfsm"]["losses"][key]
+        assert abs(got - ref) <= 0.5 * abs(ref) + 0.02, (key, got, ref)
+    assert built.training_centroids.shape == (record["world"]["train_identities"], record["context_dim"])

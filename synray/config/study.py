@@ -103,6 +103,8 @@ class DomainRealConfig(StrictModel):
 class BuildConfig(StrictModel):
     """Sizes of ``--rebuild-assets``' own fits (the LDMs follow the quickstart recipe, ``quickstart``)."""
 
+    #: training steps of the extra LDMs; None: the quickstart recipe's (``ldm_steps``), as shipped
+    ldm_steps: int | None = Field(None, ge=1)
     nuisance_identities: int = Field(400, ge=4)
     nuisance_images: int = Field(10, ge=1)
     nuisance_steps: int = Field(1500, ge=1)

@@ -55,13 +55,17 @@ def build_study_assets(cfg: StudyConfig, folder: str, tracking: list[str], log=p
     b = cfg.build
     meta: dict[str, Any] = {"made_by": "synray study --rebuild-assets", "world": world, "ldms": {}}
     work = os.path.join(cfg.output, "assets-build")
+    phases = meta["phase_seconds"] = {}
     for name, extra in EXTRA_LDMS.items():
         log(f"[synray study] LDM {name}: synray train-ldm with {extra}")
+        t = time.perf_counter()
         out = train_ldm(qs, real_uri, teacher, work, tracking, name=f"ldm_{name}", extra=extra)
         gen = copy_ldm(out.extra["generator"], folder, name)
         meta["ldms"][name] = {**gen, "overrides": extra, "metrics": out.metrics}
+        phases[f"ldm_{name}"] = time.perf_counter() - t
 
     log("[synray study] nuisance regressor on world renders")
+    t = time.perf_counter()
     seed = int(world["seed"])
     lo, hi = b.nuisance_difficulty
     train_ids = range(b.nuisance_identities)
@@ -73,8 +77,10 @@ def build_study_assets(cfg: StudyConfig, folder: str, tracking: list[str], log=p
     reg.meta.update(heldout_r2=dict(zip(FACTORS, map(float, r2))), difficulty=[lo, hi], world_seed=seed)
     reg.save(os.path.join(folder, "nuisance.pt"))
     meta["nuisance"] = reg.meta
+    phases["nuisance"] = time.perf_counter() - t
 
     log("[synray study] CFSM synthesis model: source = the real split, target = world-hard renders")
+    t = time.perf_counter()
     images, ids, samples = read_images(real_uri, kinds=("real",))
     embedder = Embedder(teacher, flip=False)
     target, _ = render_set(seed, range(int(ids.max()) + 1), b.cfsm_target_images, (1.6, 1.6), sample_offset=500_000)
@@ -84,6 +90,7 @@ def build_study_assets(cfg: StudyConfig, folder: str, tracking: list[str], log=p
     save_cfsm(G, os.path.join(folder, "cfsm.pt"), {"steps": b.cfsm_steps, "losses": losses})
     meta["cfsm"] = {"generator": WORLD_GENERATOR, "steps": b.cfsm_steps, "losses": losses,
                     "source": "real split (difficulty x1)", "target": "world-hard renders (difficulty x1.6)"}
+    phases["cfsm"] = time.perf_counter() - t
 
     log("[synray study] identity centroids of the LDMs' training split")
     from synray.evaluation.identity_stats import centres

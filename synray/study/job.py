@@ -25,7 +25,8 @@ TINY = ["world.train_identities=24", "world.images_per_identity=6", "world.verif
         "student_epochs=8", "tiny=true",
         "quickstart={config: conf/quickstart.yaml, overrides: [world.train_identities=48, world.images_per_identity=16,"
         " world.verification_pairs=300, teacher_epochs=4, ldm_steps=300, vq_fit_steps=60]}",
-        "build.nuisance_identities=60", "build.nuisance_images=6", "build.nuisance_steps=300", "build.cfsm_steps=200"]
+        "build.ldm_steps=40", "build.nuisance_identities=40", "build.nuisance_images=6", "build.nuisance_steps=200",
+        "build.cfsm_steps=60"]
 
 
 def needs(cfg: StudyConfig) -> list[Need]:
@@ -122,4 +123,6 @@ def _assets_summary(folder: str, meta: dict[str, Any]) -> str:
         lines.append("  nuisance regressor held-out R^2: " + ", ".join(f"{k} {v:.2f}" for k, v in r2.items()))
     if "cfsm" in meta:
         lines.append("  CFSM fit: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(meta["cfsm"]["losses"].items())))
+    if meta.get("phase_seconds"):
+        lines.append("  seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in meta["phase_seconds"].items()))
     return "\n".join(lines)
