@@ -86,6 +86,41 @@ def test_table_prints_every_row_and_claim():
     assert "ADMIS: better -> DOES NOT HOLD" in format_claims(claims)
 
 
+def test_shipped_study_assets_load_strictly_and_say_how_they_were_made():
+    """The study's extra world assets beside the quickstart's: every LDM loads strictly with its decoder, the
+    nuisance regressor reads the world's true factors back on identities it never saw, the CFSM model loads with
+    the generator arguments it was fitted with, and ``study.json`` says how each was made."""
+    from synray.models.cfsm import load_generator
+    from synray.models.ldm_checkpoint import load_unet, load_vq_decoder
+    from synray.models.vq import VQConfig
+    from synray.quickstart import packaged_assets
+    from synray.study.assets import EXTRA_LDMS, has_study_assets, load_study_assets
+    from synray.study.nuisance import FACTORS, NuisanceRegressor
+
+    assert has_study_assets(packaged_assets()), "synray study --rebuild-assets --assets-only writes them"
+    assets = load_study_assets(packaged_assets())
+    assert set(assets.ldms) == {"cpd25", *EXTRA_LDMS}
+    shipped = json.loads((Path(packaged_assets()) / "generator.json").read_text())["ldm_metrics"]["step"]
+    unets = {}
+    for name, overrides in EXTRA_LDMS.items():
+        made = assets.meta["ldms"][name]
+        assert made["overrides"] == overrides and made["metrics"]["step"] == shipped  # the quickstart LDM's recipe
+        g = assets.ldms[name]
+        unets[name] = load_unet(g["unet"])  # strict, weights_only
+        assert unets[name].context_emb.in_features == assets.context_dim
+        load_vq_decoder(g["vq_decoder"], VQConfig.from_dict(g["vq_config"]))
+    # UIFace's flavour carries the learnable empty context, the CPD 0 one is IDiff-Face's zeros
+    assert unets["uiface"].config.learn_empty_context and not unets["cpd0"].config.learn_empty_context
+    reg = NuisanceRegressor.load(assets.nuisance)
+    r2 = assets.meta["nuisance"]["heldout_r2"]
+    assert set(r2) == set(FACTORS) and min(r2[f] for f in ("yaw", "pitch")) > 0.5, r2  # pose is read back
+    assert reg.meta["heldout_r2"] == r2
+    load_generator(assets.cfsm, freeze=True, **assets.cfsm_generator)
+    assert assets.meta["made_by"] == "synray study --rebuild-assets" and assets.meta["world"] == assets.world
+    assert assets.training_centroids.shape == (assets.world["train_identities"], assets.context_dim)
+
+
+@pytest.mark.commands
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_tiny_study_end_to_end(tmp_path):
