@@ -172,6 +172,25 @@ def test_recipe_end_to_end_through_ray(ray_session, tiny_assets, tmp_path, name)
         assert max(diffs) <= 1
 
 
+@pytest.mark.parametrize("mode, size", [("none", 32), ("resize", 112)])
+def test_id_augmentation_brings_context_faces_to_the_generated_size(mode, size):
+    """ADMIS's ID augmentation adds each context face ``context_repeats`` times; unaligned 32x32 samples of a world
+    LDM and 112x112 aligned ones both get the faces at their own size (a 64x64 context face folder here)."""
+    from synray.synthesis.stages import FinishStage, rebatch
+
+    cfg = load_config(None, SynthConfig, ["augment.context_repeats=3", f"alignment.mode={mode}"])
+    rng = np.random.default_rng(0)
+    n, ids = 4, np.array([5, 6])
+    unit = {"images": rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8), "identity": np.repeat(ids, 2),
+            "sample": np.tile(np.arange(2, dtype=np.int32), 2), "seed": np.arange(n, dtype=np.int64),
+            "identity_b": np.full(n, -1, np.int64), "mix_weight": np.ones(n, np.float32), "ids": ids,
+            "context_faces": rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)}
+    out = FinishStage(cfg.model_dump())(rebatch(unit))
+    images, kind, identity = out["images"][0], out["kind"][0], out["identity"][0]
+    assert images.shape == (n + 2 * 3, size, size, 3)
+    assert list(kind) == ["generated"] * n + ["context"] * 6 and list(identity[n:]) == [5, 5, 5, 6, 6, 6]
+
+
 def test_landmark_alignment_on_a_real_photo():
     pytest.importorskip("retinaface")
     skdata = pytest.importorskip("skimage.data")

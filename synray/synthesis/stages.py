@@ -135,7 +135,8 @@ class FinishStage:
         kinds = np.array([self.cfg.label_kind] * n, dtype=object)
         reps = self.cfg.augment.context_repeats
         if reps:
-            faces = resize(unit["context_faces"], self.cfg.alignment.size)
+            # at the generated images' size: alignment.size when they were aligned, the generator's own otherwise
+            faces = resize(unit["context_faces"], tuple(unit["images"].shape[1:3]))
             ids = unit["ids"].astype(np.int64)
             m = len(ids) * reps
             unit["images"] = np.concatenate([unit["images"], np.repeat(faces, reps, axis=0)])
