@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from synray.config import ConfigError, load_config
@@ -118,6 +119,29 @@ def test_shipped_study_assets_load_strictly_and_say_how_they_were_made():
     load_generator(assets.cfsm, freeze=True, **assets.cfsm_generator)
     assert assets.meta["made_by"] == "synray study --rebuild-assets" and assets.meta["world"] == assets.world
     assert assets.training_centroids.shape == (assets.world["train_identities"], assets.context_dim)
+
+
+def test_spreads_the_regressor_cannot_read_are_not_reported():
+    """Pose, expression and light spreads: from the world's true factors for renders; read off generated images
+    only for the factor groups the shipped regressor reads back (held-out R^2 >= MIN_R2), never as noise."""
+    from synray.quickstart import packaged_assets
+    from synray.study.assets import load_study_assets
+    from synray.study.measure import FACTOR_GROUPS, MIN_R2, Measurer
+    from synray.study.nuisance import render_set
+
+    assets = load_study_assets(packaged_assets())
+    m = Measurer(assets.teacher, assets.nuisance, assets.training_centroids)
+    images, factors = render_set(0, range(6), 4, (0.3, 1.8))
+    labels = np.repeat(np.arange(6), 4)
+    true = m.figures(images, labels, factors)
+    assert {f"spread/{g}" for g in FACTOR_GROUPS} <= set(true)
+    read = m.figures(images, labels)
+    r2 = assets.meta["nuisance"]["heldout_r2"]
+    for group, names in FACTOR_GROUPS.items():
+        assert (f"spread/{group}" in read) == all(r2[n] >= MIN_R2 for n in names), (group, r2)
+    assert "spread/pose" in read  # the shipped regressor reads pose (yaw 0.87, pitch 0.56 held-out R^2)
+    # read-back pose spread tracks the true one on these renders
+    assert abs(read["spread/pose"] - true["spread/pose"]) < 0.5 * true["spread/pose"], (read, true)
 
 
 @pytest.mark.commands

@@ -14,11 +14,13 @@ from synray.io.images import decode_image
 from synray.io.shards import open_dataset, read_shard
 from synray.study import figures as F
 
-__all__ = ["Measurer", "read_images", "sample_grid", "FACTOR_GROUPS"]
+__all__ = ["Measurer", "read_images", "sample_grid", "FACTOR_GROUPS", "MIN_R2"]
 
 #: spreads reported, each the root of the summed variances of its factors' within-identity spreads
 FACTOR_GROUPS: dict[str, tuple[str, ...]] = {"pose": ("yaw", "pitch"), "expression": ("smile", "mouth_open"),
                                              "light": ("light_x", "light_y")}
+#: a spread read off generated images is reported only if the regressor's held-out R^2 reaches this for each factor
+MIN_R2 = 0.3
 
 
 def read_images(uri: str, per_identity: int | None = None, kinds: tuple[str, ...] = ("generated", "real"),
@@ -79,12 +81,16 @@ class Measurer:
     def figures(self, images: np.ndarray, labels: np.ndarray, factors: np.ndarray | None = None) -> dict[str, float]:
         """Dataset figures of ``images``; ``factors`` ``[N, F]`` when known (world renders), else read off the images."""
         emb = self.embedder.embed(images)
-        if factors is None:
+        read = factors is None
+        if read:
             factors = self.regressor.predict(images)
         spread = F.factor_spread(factors, labels)
         col = {n: k for k, n in enumerate(self.factor_names)}
         out = F.dataset_figures(emb, labels, training_centroids=self.training_centroids)
+        r2 = (self.regressor.meta or {}).get("heldout_r2", {})
         for group, names in FACTOR_GROUPS.items():
+            if read and any(r2.get(n, -1.0) < MIN_R2 for n in names):
+                continue  # the regressor does not read these factors back: no figure rather than noise
             out[f"spread/{group}"] = float(np.sqrt(sum(spread[col[n]] ** 2 for n in names)))
         out["images"] = float(len(images))
         out["identities"] = float(len(np.unique(labels)))
