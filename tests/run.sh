@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
 # The test command: unit + single-Ray-session tests, and beside them, in a second pytest process, the tests
-# that start their own Ray: clusters (a running cluster would capture a plain ray.init) and synray commands
-# typed in subprocesses (quickstart, study, asset rebuilds; each a private local Ray). The cluster tests spend
+# that start their own Ray clusters (a running cluster would capture a plain ray.init) plus the tests marked
+# `beside` (synray commands typed in subprocesses, each a private local Ray: the quickstart and the asset
+# rebuilds; the study's command runs in the main process, which balances the two). The cluster tests spend
 # most of their time waiting (heads starting, heartbeats, restarts), so the two processes run at once; the
 # second one's report is printed after the main one.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export SYNRAY_QUIET=1 RAY_USAGE_STATS_ENABLED=0
 own_log=$(mktemp)
-python -m pytest -q -p no:cacheprovider -m "cluster or commands" "$@" >"$own_log" 2>&1 &
+python -m pytest -q -p no:cacheprovider -m "cluster or beside" "$@" >"$own_log" 2>&1 &
 own_pid=$!
 trap 'kill "$own_pid" 2>/dev/null; rm -f "$own_log"' EXIT
-python -m pytest -q -p no:cacheprovider -m "not cluster and not commands" "$@"
+python -m pytest -q -p no:cacheprovider -m "not cluster and not beside" "$@"
 main=$?
 wait "$own_pid"
 own=$?
-echo "--- tests that start their own Ray (clusters, synray commands) ---"
+echo "--- tests run beside the main ones (clusters, quickstart and asset-rebuild commands) ---"
 cat "$own_log"
 [ "$own" -eq 5 ] && own=0   # none of them selected is not a failure
 echo "tests: main=$main own-ray=$own"

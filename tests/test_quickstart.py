@@ -79,6 +79,7 @@ def synray(cwd: Path, *args: str, timeout: float = 1100) -> str:
 
 
 @pytest.mark.commands
+@pytest.mark.beside
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_tiny_quickstart_end_to_end(tmp_path):
@@ -134,6 +135,7 @@ def test_tiny_quickstart_end_to_end(tmp_path):
 
 
 @pytest.mark.commands
+@pytest.mark.beside
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_world_assets_rebuild_within_tolerance_from_another_directory(tmp_path):
