@@ -16,10 +16,12 @@ from typing import Any
 __all__ = ["JobProgress", "Board", "watch_board", "Throttle"]
 
 
-def _eta(done: float, total: float | None, seconds: float) -> str:
-    if not total or done <= 0 or done >= total:
+def _eta(done: float, total: float | None, since: tuple[float, float] | None, now: float) -> str:
+    """Time left at the rate measured since the first progress seen (``since``: its time and count), so that
+    start-up (actors, Train workers, the first batch) does not inflate the estimate."""
+    if not total or since is None or done <= since[1] or done >= total:
         return ""
-    left = seconds * (total - done) / done
+    left = (now - since[0]) * (total - done) / (done - since[1])
     return f"  ETA {int(left // 60)}:{int(left % 60):02d}"
 
 
@@ -28,9 +30,9 @@ class JobProgress:
 
     def __init__(self, title: str, total: int | None, unit: str, quiet: bool, every_s: float = 10.0) -> None:
         self.title, self.total, self.unit, self.quiet, self.every_s = title, total, unit, quiet, every_s
-        self.t0 = time.perf_counter()
         self._last_line = 0.0
         self._printed_final = False
+        self._first: tuple[float, float] | None = None  # (time, count) of the first progress seen
         self._live = None
         if not quiet and sys.stderr.isatty():
             from rich.console import Console
@@ -39,20 +41,22 @@ class JobProgress:
             self._live = Live("", console=Console(stderr=True), refresh_per_second=4, transient=False)
             self._live.start()
 
-    def _text(self, done: float, fields: Mapping[str, Any]) -> str:
-        seconds = time.perf_counter() - self.t0
+    def _text(self, done: float, fields: Mapping[str, Any], now: float) -> str:
+        if self._first is None and done > 0:
+            self._first = (now, done)
         of = f"/{self.total}" if self.total else ""
         shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
-        return f"[synray {self.title}] {self.unit} {int(done)}{of}  {shown}{_eta(done, self.total, seconds)}".rstrip()
+        head = f"[synray {self.title}] {self.unit} {int(done)}{of}"
+        return "  ".join(x for x in (head, shown) if x) + _eta(done, self.total, self._first, now)
 
     def update(self, done: float, **fields: Any) -> None:
         if self.quiet:
             return
-        text = self._text(done, fields)
+        now = time.perf_counter()
+        text = self._text(done, fields, now)
         if self._live is not None:
             self._live.update(text)
             return
-        now = time.perf_counter()
         final = bool(self.total) and done >= self.total
         if final and self._printed_final:
             return  # the driver keeps polling the board after the last step: one final line, not one per poll

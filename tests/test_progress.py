@@ -1,5 +1,6 @@
 """The job progress display off a terminal: a line every few seconds, the final one once, nothing when quiet."""
 
+import synray.progress as progress
 from synray.progress import JobProgress
 
 
@@ -11,8 +12,19 @@ def test_progress_lines_off_a_terminal_end_with_one_final_line(capsys):
         p.update(100, loss=0.3)
     p.close()
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 2 and lines[0].startswith("[synray train-ldm] step 10/100  loss 0.5  ETA "), lines
+    assert len(lines) == 2 and lines[0] == "[synray train-ldm] step 10/100  loss 0.5", lines
     assert lines[1] == "[synray train-ldm] step 100/100  loss 0.3", lines
     quiet = JobProgress("synth", total=4, unit="units", quiet=True)
     quiet.update(4)
     assert capsys.readouterr().err == ""
+
+
+def test_eta_is_the_rate_since_the_first_step_not_since_start_up(capsys, monkeypatch):
+    clock = iter([20.0, 30.0])  # step 1 seen 20 s after the job started (start-up), step 11 ten seconds later
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    p = JobProgress("train", total=101, unit="step", quiet=False, every_s=0.0)
+    p.update(1)
+    p.update(11)
+    lines = capsys.readouterr().err.splitlines()
+    # 1 step/s since step 1: 90 steps left -> 1:30 (counting start-up as progress would say 30 * 90 / 11 s = 4:05)
+    assert lines == ["[synray train] step 1/101", "[synray train] step 11/101  ETA 1:30"], lines
