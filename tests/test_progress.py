@@ -28,3 +28,31 @@ def test_eta_is_the_rate_since_the_first_step_not_since_start_up(capsys, monkeyp
     lines = capsys.readouterr().err.splitlines()
     # 1 step/s since step 1: 90 steps left -> 1:30 (counting start-up as progress would say 30 * 90 / 11 s = 4:05)
     assert lines == ["[synray train] step 1/101", "[synray train] step 11/101  ETA 1:30"], lines
+
+
+def test_a_training_line_reaches_the_log_once_under_ray_trains_print_patch(monkeypatch):
+    """Ray Train workers replace ``print`` with one that logs the message and also echoes it when stdout is
+    wrapped (as in a Ray worker): a loop's progress line printed that way reached the driver twice."""
+    import builtins
+    import io
+    import logging
+    import sys
+
+    from ray.train.v2._internal.logging.patch_print import redirected_print
+
+    from synray.training.runner import Hooks
+
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)  # a wrapped stdout, not sys.__stdout__
+    root, handler = logging.getLogger(), logging.StreamHandler(out)  # the worker's log goes to the same place
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    monkeypatch.setattr(builtins, "print", redirected_print)
+    try:
+        Hooks(rank=0).log("[synray train] epoch 1/1 step 8")
+        Hooks(rank=1).log("[synray train] rank 1 is silent")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    assert out.getvalue() == "[synray train] epoch 1/1 step 8\n", out.getvalue()

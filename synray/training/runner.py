@@ -15,6 +15,7 @@ job's MLflow run fed from the controller.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -100,9 +101,12 @@ class Hooks:
             self.post({"step": step, "total": total, **fields}, final)
 
     def log(self, message: str) -> None:
-        """A progress line from rank 0 (silent when quiet)."""
+        """A progress line from rank 0 (silent when quiet). Written to stdout, not through ``print``: Ray Train
+        patches ``print`` in its workers to log the message *and* echo it when stdout is wrapped, so each line
+        reached the driver twice."""
         if self.rank == 0 and not self.quiet:
-            print(message, flush=True)
+            sys.stdout.write(message + "\n")
+            sys.stdout.flush()
 
 
 def local_hooks(restore_dir: str | None = None, **kwargs: Any) -> Hooks:
