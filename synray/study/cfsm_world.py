@@ -74,7 +74,9 @@ def fit_cfsm(source: np.ndarray, target: np.ndarray, embed: nn.Module, steps: in
     """Train a :class:`CFSMGenerator` (:data:`WORLD_GENERATOR`) mapping ``source`` images towards ``target``'s domain.
 
     ``embed``: a frozen FR model taking [-1, 1] images of the generator's size and returning embeddings.
-    Returns the generator (eval, frozen) and the last losses.
+    Returns the generator (eval, frozen) and its losses: each the mean over the last quarter of the steps that
+    computed it (one batch's value swings several-fold with its random styles), plus ``first/<name>``, the mean
+    over the first quarter, to show what the fit learnt.
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -84,6 +86,7 @@ def fit_cfsm(source: np.ndarray, target: np.ndarray, embed: nn.Module, steps: in
     opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.5, 0.999))
     src, tgt = _to_input(source), _to_input(target)
     last: dict[str, float] = {}
+    history: dict[str, list[float]] = {}
     for it in range(steps):
         x = src[torch.randint(0, len(src), (batch_size,), generator=gen)]
         y = tgt[torch.randint(0, len(tgt), (batch_size,), generator=gen)]
@@ -95,12 +98,12 @@ def fit_cfsm(source: np.ndarray, target: np.ndarray, embed: nn.Module, steps: in
             loss_id = torch.mean((d_id - target_distance(o)) ** 2)
             loss_gan = D.loss(fake, 1.0)
             loss_g = loss_gan + LAMBDA_ID * loss_id + regu
-            last.update(gan=float(loss_gan.detach()), identity=float(loss_id.detach()))
+            values = {"gan": float(loss_gan.detach()), "identity": float(loss_id.detach())}
         else:
             _, fake, regu = G(x, torch.zeros(batch_size, G.style_dim))
             loss_pix = torch.mean(torch.abs(x - fake))
             loss_g = loss_pix + regu
-            last.update(pixel=float(loss_pix.detach()))
+            values = {"pixel": float(loss_pix.detach())}
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
@@ -108,10 +111,23 @@ def fit_cfsm(source: np.ndarray, target: np.ndarray, embed: nn.Module, steps: in
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()
-        last.update(discriminator=float(loss_d.detach()), regu=float(torch.as_tensor(regu).detach()))
+        values.update(discriminator=float(loss_d.detach()), regu=float(torch.as_tensor(regu).detach()))
+        last.update(values)
+        for k, v in values.items():
+            history.setdefault(k, []).append(v)
         if log_every and (it + 1) % log_every == 0:
             log(f"[synray study] CFSM step {it + 1}/{steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(last.items())))
-    return G.eval().requires_grad_(False), last
+    return G.eval().requires_grad_(False), _summary(history)
+
+
+def _summary(history: dict[str, list[float]]) -> dict[str, float]:
+    """Each loss's mean over the last quarter of its values, and ``first/<name>`` over the first quarter."""
+    out: dict[str, float] = {}
+    for k, values in sorted(history.items()):
+        n = max(1, len(values) // 4)
+        out[k] = float(np.mean(values[-n:]))
+        out[f"first/{k}"] = float(np.mean(values[:n]))
+    return out
 
 
 def save_cfsm(G: CFSMGenerator, path: str | os.PathLike, meta: dict[str, Any]) -> None:

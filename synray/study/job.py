@@ -122,7 +122,10 @@ def _assets_summary(folder: str, meta: dict[str, Any]) -> str:
     if r2:
         lines.append("  nuisance regressor held-out R^2: " + ", ".join(f"{k} {v:.2f}" for k, v in r2.items()))
     if "cfsm" in meta:
-        lines.append("  CFSM fit: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(meta["cfsm"]["losses"].items())))
+        losses = meta["cfsm"]["losses"]
+        shown = [f"{k} {v:.4f}" + (f" (from {losses['first/' + k]:.4f})" if "first/" + k in losses else "")
+                 for k, v in sorted(losses.items()) if not k.startswith("first/")]
+        lines.append("  CFSM fit, mean of the last quarter of steps (of the first): " + ", ".join(shown))
     if meta.get("phase_seconds"):
         lines.append("  seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in meta["phase_seconds"].items()))
     return "\n".join(lines)
