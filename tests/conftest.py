@@ -101,6 +101,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("SYNRAY_QUIET", "1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
+# Ray Train's controller polls its workers every 2 s: a test run's start, end and injected failures are seen
+# up to 2 s late, dozens of times in the suite (read by each controller from its environment)
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 S3_CREDS = {
     "AWS_ACCESS_KEY_ID": "testing",
