@@ -20,7 +20,7 @@ def test_quickstart_config_validates_and_tiny_applies():
     from synray.quickstart import TINY
 
     cfg = load_config(QUICKSTART, QuickstartConfig, TINY)
-    assert cfg.world.train_identities == 48 and cfg.ldm_steps == 300
+    assert cfg.world.train_identities == 48 and cfg.ldm_steps == 100
     with pytest.raises(ConfigError, match="world.train_identity: unknown key"):
         load_config(QUICKSTART, QuickstartConfig, ["world.train_identity=3"])
 
@@ -37,7 +37,7 @@ def _tensors(path: str) -> dict:
     return blob.get("state_dict", blob)
 
 
-def test_shipped_assets_load_strictly_and_say_how_they_were_made():
+def test_shipped_assets_load_strictly_and_say_how_they_were_made(tmp_path):
     from synray.models.export import load_any_backbone
     from synray.models.ldm_checkpoint import load_unet, load_vq_decoder
     from synray.models.vq import VQConfig
@@ -55,8 +55,21 @@ def test_shipped_assets_load_strictly_and_say_how_they_were_made():
     unet = load_unet(gen["unet"])  # strict, weights_only
     assert unet.context_emb.in_features == meta["context_dim"]
     load_vq_decoder(gen["vq_decoder"], VQConfig.from_dict(gen["vq_config"]))
-    # the shipped teacher learnt the world: well above chance on the held-out frontal set
-    assert meta["teacher_verification"]["world-frontal"]["accuracy"] > 0.85
+    # the shipped teacher learnt the world: its recorded verification on the held-out sets is well above that of
+    # its architecture at random initialisation on the same sets (remade here from the recorded world), which
+    # already matches world faces by their pixels (seen: 92.9 / 66.4% against 83.6 / 57.2%)
+    from synray.config.quickstart import QuickstartConfig as Q
+    from synray.quickstart import untrained_student
+    from synray.world.world import DEFAULT_DIFFICULTY, World
+
+    w = meta["world"]
+    bins = World(seed=w["seed"], num_identities=w["train_identities"],
+                 difficulty=DEFAULT_DIFFICULTY if w["difficulty"] is None else w["difficulty"]).write_verification_bins(
+        tmp_path / "bins", num_pairs=w["verification_pairs"], seed=w["seed"])
+    floor = untrained_student(load_config(QUICKSTART, Q).teacher, str(tmp_path / "bins"))
+    assert set(bins) == set(floor) - {"average"}
+    for name, v in meta["teacher_verification"].items():
+        assert v["accuracy"] >= floor[name]["accuracy"] + 0.05, (name, v["accuracy"], floor[name]["accuracy"])
 
 
 def fresh_clone(dest: Path) -> Path:
@@ -94,14 +107,20 @@ def test_tiny_quickstart_end_to_end(tmp_path):
     assert not (qs / "assets-build").exists()  # nothing rebuilt: the shipped assets were used
     result = json.loads((qs / "results.json").read_text())
     assert result["images_generated"] == 48 * 16
-    acc = {k: {s: v["accuracy"] for s, v in result[k].items()} for k in ("real", "synthetic")}
-    # the baseline is recorded and learnt the world (seen at CI size: frontal 87.7-88.0%, average 71.0-74.3%)
-    assert acc["real"]["world-frontal"] > 0.8 and acc["real"]["average"] > 0.65, result["table"]
-    # the papers' claim at CI size: a synthetic-only student well above chance (0.5); seen: frontal 76.0-78.3%,
-    # average 68.0-69.2%
-    assert acc["synthetic"]["world-frontal"] > 0.65 and acc["synthetic"]["average"] > 0.6, result["table"]
-    for name in ("world-frontal", "world-hard"):
-        assert name in result["real"] and name in result["synthetic"]
+    acc = {k: {s: v["accuracy"] for s, v in result[k].items()} for k in ("untrained", "real", "synthetic")}
+    # the floor: the student's architecture at its random initialisation, on the same sets (it matches world faces
+    # by their pixels: seen 86.3 / 60.7%), the same network as the recipe's at its seed
+    from synray.quickstart import TINY, untrained_student
+
+    cfg = load_config(QUICKSTART, QuickstartConfig, TINY)
+    floor = untrained_student(cfg.student, str(qs / "bins"))
+    assert acc["untrained"] == pytest.approx({k: v["accuracy"] for k, v in floor.items()}, abs=0.005)
+    assert "untrained (random init)" in out
+    # At this size no student is claimed to beat that floor: seen real 87.7-88.0% frontal, 71.0-74.3% average,
+    # synthetic 76.0-78.3% / 68.0-69.2%, against 86.3% / 73.5% untrained (the README's table at default size: the real
+    # student clears it, the synthetic one does not). Learning is asserted where it is measurable: the held-out
+    # verification test of training and the study's claims.
+    assert all(set(a) == {"world-frontal", "world-hard", "average"} for a in acc.values()), acc
     if distill:
         assert "distilled (DCGAN + dlib)" in out
         m = result["distill"]["metrics"]
@@ -162,10 +181,18 @@ def test_world_assets_rebuild_within_tolerance_from_another_directory(tmp_path):
     for name in SHIPPED_FILES:
         built, shipped = _tensors(str(dest / name)), _tensors(os.path.join(packaged_assets(), name))
         assert {k: tuple(v.shape) for k, v in built.items()} == {k: tuple(v.shape) for k, v in shipped.items()}, name
-    # seen: teacher frontal 89.7-92.7%, hard 62.0-64.3%; LDM loss at step 300 equal to 5 significant digits
+    # the rebuilt teacher learnt the world: above its architecture at random initialisation on the same sets (which
+    # matches world faces by their pixels: 86.3 / 60.7%), and near the recorded build (seen: the record's note); the
+    # LDM's loss at its last step equal to the record's (seen: equal to 4 digits on every build)
+    from synray.config.quickstart import QuickstartConfig as Q
+    from synray.quickstart import untrained_student
+
+    floor = untrained_student(load_config(QUICKSTART, Q).teacher, str(work / "outputs" / "quickstart" / "bins"))
+    got = {k: v["accuracy"] for k, v in meta["teacher_verification"].items()}
+    assert got["average"] >= floor["average"]["accuracy"] + 0.02, (got, floor)  # seen: +3.7 to +8.8 points
+    assert got["world-frontal"] >= floor["world-frontal"]["accuracy"] + 0.03, (got, floor)  # seen: +5.0 to +9.0
     for name, ref in record["teacher_verification"].items():
-        got = meta["teacher_verification"][name]["accuracy"]
-        assert abs(got - ref["accuracy"]) <= (0.1 if name == "world-hard" else 0.08), (name, got, ref["accuracy"])
+        assert abs(got[name] - ref["accuracy"]) <= (0.1 if name == "world-hard" else 0.06), (name, got, ref["accuracy"])
     got, ref = meta["ldm_metrics"]["loss"], record["ldm_metrics"]["loss"]
     assert meta["ldm_metrics"]["step"] == record["ldm_metrics"]["step"]
     assert abs(got - ref) <= 0.1 * ref, (got, ref)

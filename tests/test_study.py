@@ -15,7 +15,7 @@ import pytest
 
 from synray.config import ConfigError, load_config
 from synray.config.study import ClaimConfig, StudyConfig
-from synray.study.claims import evaluate, evaluate_all, figure_value
+from synray.study.claims import VERIFICATION, evaluate, evaluate_all, figure_value
 from synray.study.rows import RowResult, expand_rows
 from synray.study.table import format_claims, format_table
 
@@ -164,21 +164,32 @@ def test_tiny_study_end_to_end(tmp_path):
     cfg = load_config(STUDY, StudyConfig)
     claims = [cfg.claims[name] for name in seeds["asserted"]]
     needed = {"real"} | {r for c in claims for part in (c, *c.also) for r in (part.row, part.baseline) if r}
-    # ... without their fast-sampler twins, which no asserted claim compares
-    sets = [f"only=[{','.join(sorted(needed))}]", *(f"rows.{r}.fast=null" for r in sorted(needed) if cfg.rows[r].fast)]
+    # ... without their fast-sampler twins, which no asserted claim compares, and without the students of synth rows
+    # whose accuracy no asserted claim reads (their claims compare dataset figures: consistency)
+    read = {part.row for c in claims for part in (c, *c.also) if part.figure in VERIFICATION}
+    read |= {part.baseline for c in claims for part in (c, *c.also) if part.figure in VERIFICATION and part.baseline}
+    unread = sorted(r for r in needed if cfg.rows[r].kind == "synth" and cfg.rows[r].student and r not in read)
+    sets = [f"only=[{','.join(sorted(needed))}]", *(f"rows.{r}.fast=null" for r in sorted(needed) if cfg.rows[r].fast),
+            *(f"rows.{r}.student=false" for r in unread)]
     out = synray(clone, "study", "conf/study/world.yaml", "--tiny", *(a for x in sets for a in ("--set", x)), timeout=1400)
     result = json.loads((clone / "outputs" / "study" / "results.json").read_text())
-    assert "claims (each seed paper's headline" in out and "real (baseline)" in out
+    assert "claims (each seed paper's headline" in out and "real (baseline)" in out and "untrained (random init)" in out
+    assert set(result["untrained"]) == {"world-frontal", "world-hard", "average"}  # the floor, beside the rows
     assert not (clone / "outputs" / "study" / "assets").exists()  # nothing rebuilt: the shipped assets were used
     made = result["rows"]
     wanted = expand_rows(load_config(STUDY, StudyConfig, sets))
     assert not any(name.endswith("_fast") for name in wanted)
     assert set(made) == set(wanted) and set(made) <= set(seeds["rows"])
     for name, row in made.items():
+        if name in unread:
+            assert row["verification"] is None, name  # the dataset was measured, no student trained
+        else:
+            assert row["verification"] is not None or not wanted[name].student, name
         if row["verification"] is not None:
             assert set(row["verification"]) == {"world-frontal", "world-hard", "average"}, name
-    # the real baseline learnt the world at this size (seen on 3 seeds: see the record)
-    assert made["real"]["verification"]["average"]["accuracy"] >= seeds["real_average_min"], result["table"]
+    # No student is asserted to beat the floor at this size: on the 3 seeds the real student's average (68.2-73.7%,
+    # the record) is within a few points of the untrained network's (67.8 / 73.5 / 73.5%), below it on seed 2.
+    assert made["real"]["verification"] is not None and result["untrained"]["average"]["accuracy"] > 0.6
     for name in seeds["asserted"]:
         assert result["claims"][name]["holds"] is True, (name, result["claims"][name], result["table"])
     import mlflow

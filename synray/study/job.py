@@ -24,7 +24,7 @@ __all__ = ["TINY", "needs", "run"]
 TINY = ["world.train_identities=24", "world.images_per_identity=6", "world.verification_pairs=300",
         "student_epochs=8", "tiny=true",
         "quickstart={config: conf/quickstart.yaml, overrides: [world.train_identities=48, world.images_per_identity=16,"
-        " world.verification_pairs=300, teacher_epochs=4, ldm_steps=300, vq_fit_steps=60]}",
+        " world.verification_pairs=300, teacher_epochs=16, ldm_steps=100, vq_fit_steps=60]}",
         "build.ldm_steps=40", "build.nuisance_identities=40", "build.nuisance_images=6", "build.nuisance_steps=200",
         "build.cfsm_steps=60"]
 
@@ -38,11 +38,11 @@ def _log(ctx: JobContext):
 
 
 def run(cfg: StudyConfig, ctx: JobContext) -> Outcome:
-    from synray.quickstart import make_real_split, packaged_assets
+    from synray.quickstart import make_real_split, packaged_assets, untrained_student
     from synray.study.assets import has_study_assets, load_study_assets
     from synray.study.build import build_study_assets
     from synray.study.claims import evaluate_all
-    from synray.study.rows import StudyRun, expand_rows
+    from synray.study.rows import RowResult, StudyRun, expand_rows
     from synray.study.table import format_claims, format_table
     from synray.tracking import child_run, mlflow_ui_hint
 
@@ -81,16 +81,21 @@ def run(cfg: StudyConfig, ctx: JobContext) -> Outcome:
                 _log_grid(rt, res.grid, f"{name}_samples.png")
     made = study.data
     claims = evaluate_all(cfg.claims, made)
-    table = format_table(made)
+    # the floor every student row must clear: the student's architecture at its random initialisation
+    untrained = untrained_student(cfg.student, bins)
+    floor = RowResult("untrained", "untrained (random init)", "untrained", verification=untrained)
+    table = format_table({"untrained": floor, **made})
     claim_text = format_claims(claims)
     seconds = time.perf_counter() - t0
     result: dict[str, Any] = {
         "rows": {k: r.to_dict() for k, r in made.items()}, "claims": {k: c.to_dict() for k, c in claims.items()},
+        "untrained": untrained,
         "world": cfg.world.model_dump(), "identities": cfg.synth_identities, "images_per_identity": cfg.synth_images,
         "student_epochs": cfg.student_epochs, "tiny": cfg.tiny, "assets": folder, "seconds": seconds,
         "table": table, "claims_text": claim_text, "mlflow": redact_text(tracker.uri or ""),
     }
     tracker.log_text(f"{table}\n\n{claim_text}\n", "results.txt")
+    tracker.log_metrics({f"untrained/{k}/accuracy": v["accuracy"] for k, v in untrained.items()})
     tracker.log_metrics({"seconds": seconds, **{f"claims/{k}": float(c.holds) for k, c in claims.items()
                                                  if c.holds is not None}})
     path = os.path.join(cfg.output, "results.json")
