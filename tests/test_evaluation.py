@@ -282,7 +282,7 @@ def test_evaluate_bins_and_table(tmp_path):
     model = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 8))
     res = evaluate_bins(model, [tmp_path], batch_size=16)
     assert set(res) == {"lfw", "agedb_30", "average"}
-    assert 0.0 <= res["lfw"]["accuracy"] <= 1.0 and res["lfw"]["pairs"] == 20
+    assert res["lfw"]["pairs"] == 20
     assert res["average"]["accuracy"] == pytest.approx((res["lfw"]["accuracy"] + res["agedb_30"]["accuracy"]) / 2)
     table = format_table(res)
     lines = table.splitlines()
@@ -303,7 +303,11 @@ def test_eval_command_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("lfw"))
     acc = float(row.split()[2])
-    assert 0.0 <= acc <= 100.0 and "average" in out
+    # the command's figure is the library's on the same checkpoint and set
+    model = build_backbone("tinyfar_c")
+    model.load_state_dict(torch.load(ckpt, weights_only=True))
+    assert acc == pytest.approx(100 * evaluate_bins(model.eval(), [tmp_path / "lfw.bin"])["lfw"]["accuracy"], abs=1e-3)
+    assert "average" in out
 
     # unknown name and mismatched checkpoint are clear errors, exit code 2
     assert main(["eval", "--backbone", "no_such_net", "--checkpoint", str(ckpt), "--bins", str(tmp_path)]) == 2
