@@ -13,7 +13,7 @@ import os
 import sys
 
 from synray.config import to_yaml
-from synray.config.paths import project_conf_dir
+from synray.config.paths import config_ref, project_conf_dir
 from synray.errors import UserError
 from synray.jobs import JOBS, Job, load_job, run_job
 
@@ -97,8 +97,8 @@ def _add_job(sub: argparse._SubParsersAction, job: Job) -> None:
 
 
 def _config_path(args: argparse.Namespace) -> str | None:
-    if args.config:
-        return args.config
+    if args.config:  # relative to the working dir, else the project's recipe of that name (conf/...)
+        return config_ref(args.config)
     if args.job.command not in DEFAULT_CONFIG:
         return None
     conf = project_conf_dir()

@@ -135,3 +135,20 @@ def test_synthdistill_recipe_reports_every_missing_file(tmp_path, capsys, monkey
     assert "teacher:" in out and "iresnet100-73e07ba7.pth" in out
     assert "generator.path:" in out and "stylegan2-ffhq-256x256.pkl" in out and "eval.bins:" in out
     assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_a_recipe_path_typed_in_another_directory_is_the_projects(tmp_path, capsys, monkeypatch):
+    """``synray study conf/study/world.yaml`` typed outside the clone reads the project's recipe (as nested config
+    references do); a path that is neither here nor a recipe is still a clear error."""
+    from types import SimpleNamespace
+
+    from synray.cli import _config_path
+
+    monkeypatch.chdir(tmp_path)
+    job = SimpleNamespace(command="study")
+    assert _config_path(SimpleNamespace(config="conf/study/world.yaml", job=job)) == str(CONF / "study" / "world.yaml")
+    (tmp_path / "conf" / "study").mkdir(parents=True)  # a file of that name here wins
+    (tmp_path / "conf" / "study" / "world.yaml").write_text("kind: study\n")
+    assert _config_path(SimpleNamespace(config="conf/study/world.yaml", job=job)) == str(tmp_path / "conf/study/world.yaml")
+    assert main(["study", "conf/study/no_such.yaml"]) == 2
+    assert "config file not found" in capsys.readouterr().err

@@ -77,7 +77,7 @@ def project_conf_dir() -> Path | None:
     return conf if conf.is_dir() else None
 
 
-def _config_ref(value: str) -> str:
+def config_ref(value: str) -> str:
     """A config file: relative to the working dir, else a recipe of the project's ``conf/`` (``conf/...``)."""
     path = absolute(value)
     if os.path.exists(path) or os.path.isabs(os.path.expanduser(value)):
@@ -98,4 +98,4 @@ ModelRef = Annotated[str, AfterValidator(_model_ref)]
 #: an MLflow tracking URI
 TrackingURI = Annotated[str, AfterValidator(_tracking)]
 #: another YAML config (quickstart stages, a sweep's base)
-ConfigRef = Annotated[str, AfterValidator(_config_ref)]
+ConfigRef = Annotated[str, AfterValidator(config_ref)]
