@@ -44,8 +44,18 @@ def _stage(stage, *overrides: str):
     return load_job(stage.config, [*stage.overrides, *overrides])
 
 
+def _difficulty(value: float | None) -> float:
+    return DEFAULT_DIFFICULTY if value is None else value
+
+
 def world_difficulty(cfg: QuickstartConfig) -> float:
-    return DEFAULT_DIFFICULTY if cfg.world.difficulty is None else cfg.world.difficulty
+    return _difficulty(cfg.world.difficulty)
+
+
+def write_world_bins(world: dict[str, Any], out: str) -> dict[str, Any]:
+    """The held-out verification ``.bin`` sets of a ``world:`` block (as recorded in ``generator.json`` too)."""
+    w = World(seed=world["seed"], num_identities=world["train_identities"], difficulty=_difficulty(world.get("difficulty")))
+    return w.write_verification_bins(out, num_pairs=world["verification_pairs"], seed=world["seed"])
 
 
 def make_real_split(cfg: QuickstartConfig, tracking: list[str]) -> tuple[str, str, dict]:
@@ -53,8 +63,7 @@ def make_real_split(cfg: QuickstartConfig, tracking: list[str]) -> tuple[str, st
     w = cfg.world
     bins = os.path.join(cfg.output, "bins")
     if not os.path.exists(os.path.join(bins, ".done")):
-        World(seed=w.seed, num_identities=w.train_identities, difficulty=world_difficulty(cfg)).write_verification_bins(
-            bins, num_pairs=w.verification_pairs, seed=w.seed)
+        write_world_bins(w.model_dump(), bins)
         open(os.path.join(bins, ".done"), "w").close()
     real_uri = os.path.join(cfg.output, "real")
     real = _stage(cfg.real, f"output.uri={real_uri}", f"seed={w.seed}", "generator.type=world",
@@ -85,7 +94,7 @@ def untrained_student(student: Any, bins: str) -> dict[str, dict[str, float]]:
     job = _stage(student, "data.train=unused")
     torch.manual_seed(job.seed)
     model = build_backbone(job.backbone.name, **job.backbone.kwargs).eval()
-    return evaluate_bins(model, bins, image_size=tuple(job.backbone.kwargs.get("input_size", (112, 112))))
+    return evaluate_bins(model, bins)  # at the backbone's input size
 
 
 def train_ldm(cfg: QuickstartConfig, real_uri: str, teacher: str, work: str, tracking: list[str], name: str = "ldm",

@@ -58,15 +58,10 @@ def test_shipped_assets_load_strictly_and_say_how_they_were_made(tmp_path):
     # the shipped teacher learnt the world: its recorded verification on the held-out sets is well above that of
     # its architecture at random initialisation on the same sets (remade here from the recorded world), which
     # already matches world faces by their pixels (seen: 92.9 / 66.4% against 83.6 / 57.2%)
-    from synray.config.quickstart import QuickstartConfig as Q
-    from synray.quickstart import untrained_student
-    from synray.world.world import DEFAULT_DIFFICULTY, World
+    from synray.quickstart import untrained_student, write_world_bins
 
-    w = meta["world"]
-    bins = World(seed=w["seed"], num_identities=w["train_identities"],
-                 difficulty=DEFAULT_DIFFICULTY if w["difficulty"] is None else w["difficulty"]).write_verification_bins(
-        tmp_path / "bins", num_pairs=w["verification_pairs"], seed=w["seed"])
-    floor = untrained_student(load_config(QUICKSTART, Q).teacher, str(tmp_path / "bins"))
+    bins = write_world_bins(meta["world"], str(tmp_path / "bins"))
+    floor = untrained_student(load_config(QUICKSTART, QuickstartConfig).teacher, str(tmp_path / "bins"))
     assert set(bins) == set(floor) - {"average"}
     for name, v in meta["teacher_verification"].items():
         assert v["accuracy"] >= floor[name]["accuracy"] + 0.05, (name, v["accuracy"], floor[name]["accuracy"])
@@ -184,10 +179,10 @@ def test_world_assets_rebuild_within_tolerance_from_another_directory(tmp_path):
     # the rebuilt teacher learnt the world: above its architecture at random initialisation on the same sets (which
     # matches world faces by their pixels: 86.3 / 60.7%), and near the recorded build (seen: the record's note); the
     # LDM's loss at its last step equal to the record's (seen: equal to 4 digits on every build)
-    from synray.config.quickstart import QuickstartConfig as Q
     from synray.quickstart import untrained_student
 
-    floor = untrained_student(load_config(QUICKSTART, Q).teacher, str(work / "outputs" / "quickstart" / "bins"))
+    teacher = load_config(QUICKSTART, QuickstartConfig).teacher
+    floor = untrained_student(teacher, str(work / "outputs" / "quickstart" / "bins"))
     got = {k: v["accuracy"] for k, v in meta["teacher_verification"].items()}
     assert got["average"] >= floor["average"]["accuracy"] + 0.02, (got, floor)  # seen: +3.7 to +8.8 points
     assert got["world-frontal"] >= floor["world-frontal"]["accuracy"] + 0.03, (got, floor)  # seen: +5.0 to +9.0
