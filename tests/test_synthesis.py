@@ -324,3 +324,17 @@ def test_context_faces_are_embedded_once_unless_flip_is_asked(tiny_assets, tmp_p
         other = np.asarray(embed_faces(model, faces, flip=not flip), np.float32)
         other /= np.linalg.norm(other, axis=1, keepdims=True)
         assert np.abs(out["contexts"][0] - other).max() > 1e-3
+
+
+@pytest.mark.ray
+def test_a_short_job_spreads_its_units_over_the_generator_actors(ray_session, tmp_path):
+    """Ray Data's actor-pool autoscaler queues a short job's few units on its first actor and never starts the
+    second, so a 2-core machine generated on one core: the pool starts one actor per unit (up to max_actors)
+    and hands each actor one unit at a time. Four units of ~1.5 s leave the second actor seconds to start."""
+    cfg = load_job(ROOT / "conf/synth/world.yaml", ["tracking.enabled=false", "identities.count=16", "identities.unit_size=4",
+                                                    "generator.images_per_identity=128", "generator.max_actors=2",
+                                                    f"output.uri={tmp_path / 'ds'}"])
+    summary = run_synthesis(cfg)
+    assert summary["units_written"] == 4 and summary["generator_actors"] == 2, summary
+    # both generators worked at once: their summed time exceeds the span from the first call to the last
+    assert summary["generator_seconds"] > 1.2 * summary["generator_span_seconds"], summary

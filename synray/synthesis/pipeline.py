@@ -15,7 +15,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -163,6 +163,7 @@ class Totals:
     quality_n: int = 0
     gen_first_start: float = math.inf  # wall-clock start of the first generate call, end of the last
     gen_last_end: float = -math.inf
+    gen_actors: set[str] = field(default_factory=set)  # the generators that made units (at most max_actors)
 
     def add(self, row: dict[str, Any]) -> None:
         r = _row_dict(row)
@@ -174,6 +175,8 @@ class Totals:
         self.quality_n += int(r["quality_n"])
         self.gen_first_start = min(self.gen_first_start, float(r["gen_started"]))
         self.gen_last_end = max(self.gen_last_end, float(r["gen_started"]) + float(r["gen_seconds"]))
+        if r.get("gen_actor"):
+            self.gen_actors.add(str(r["gen_actor"]))
 
 
 def _finish(cfg: SynthConfig, prep: Prepared, lease: OutputLease, totals: Totals, started: float, backend: str,
@@ -190,7 +193,7 @@ def _finish(cfg: SynthConfig, prep: Prepared, lease: OutputLease, totals: Totals
         "backend": backend, "units_written": totals.units, "units_skipped": len(prep.units) - len(prep.pending),
         "images_written": images, "filtered": totals.filtered,
         "seconds": seconds, "images_per_second": images / seconds if seconds > 0 else 0.0,
-        "generator_seconds": totals.gen_seconds,
+        "generator_seconds": totals.gen_seconds, "generator_actors": len(totals.gen_actors),
         # the generator's span (first generate call's start to the last one's end), the time before it (start-up:
         # actors, first rows) and after it (drain: the last unit's alignment and write)
         "generator_span_seconds": totals.gen_last_end - totals.gen_first_start if span else 0.0,
@@ -270,9 +273,14 @@ def build_dataset(cfg: SynthConfig, pending: list[int], uri: str, meta: dict, ba
     if cfg.contexts.source == "face_embeddings":
         ds = ds.map_batches(ContextFaceStage, fn_constructor_kwargs={"cfg": d}, batch_size=1, num_cpus=0.5,
                             compute=ActorPoolStrategy(min_size=1, max_size=g.max_actors))
+    # As many generator actors as there are units (up to max_actors) from the start, one unit each at a time:
+    # Ray Data's autoscaler otherwise queues a few units on the first actor and never starts the second,
+    # and a short job (the study's 2 units) runs on one actor while the others' CPUs idle.
+    actors = min(g.max_actors, max(g.min_actors, len(pending)))
     ds = ds.map_batches(GenerateStage, fn_constructor_kwargs={"cfg": d}, batch_size=1,
                         num_gpus=g.num_gpus, num_cpus=g.num_cpus,
-                        compute=ActorPoolStrategy(min_size=g.min_actors, max_size=g.max_actors))
+                        compute=ActorPoolStrategy(min_size=g.min_actors, max_size=g.max_actors, initial_size=actors,
+                                                  max_tasks_in_flight_per_actor=1))
     if cfg.alignment.mode == "landmarks":
         ds = ds.map_batches(AlignStage, fn_constructor_kwargs={"cfg": d}, batch_size=1, num_cpus=cfg.alignment.num_cpus,
                             compute=ActorPoolStrategy(min_size=1, max_size=2))

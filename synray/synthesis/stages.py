@@ -65,12 +65,27 @@ class ContextFaceStage:
         return rebatch(unit)
 
 
+def _actor_name() -> str:
+    """Which generator made a unit: the Ray actor's id, or the process in a plain loop."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            actor = ray.get_runtime_context().get_actor_id()
+            if actor:
+                return actor
+    except ImportError:  # pragma: no cover - ray is a dependency
+        pass
+    return f"local-{os.getpid()}"
+
+
 class GenerateStage:
     """Loads the generator once (per actor) and renders every image of a unit."""
 
     def __init__(self, cfg: dict):
         self.cfg = SynthConfig.model_validate(cfg)
         self.generator = build_generator(self.cfg)
+        self.actor = _actor_name()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
         unit = unbatch(batch)
@@ -80,6 +95,7 @@ class GenerateStage:
         images = self.generator.generate(ids, unit["contexts"], np.full(len(ids), n))
         unit["gen_seconds"] = np.float64(time.perf_counter() - t0)
         unit["gen_started"] = np.float64(started)
+        unit["gen_actor"] = np.array(self.actor)
         unit["images"] = images
         unit["identity"] = np.repeat(ids, n)
         unit["sample"] = np.tile(np.arange(n, dtype=np.int32), len(ids))
@@ -206,6 +222,7 @@ class WriteStage:
             "identities": np.array([len(unit["ids"])]), "filtered": np.array([int(unit.get("filtered", 0))]),
             "gen_seconds": np.array([float(unit.get("gen_seconds", 0.0))]),
             "gen_started": np.array([float(unit.get("gen_started", time.time()))]),
+            "gen_actor": np.array([str(unit.get("gen_actor", ""))]),
             "write_seconds": np.array([time.perf_counter() - t0]),
             "quality_sum": np.array([float(np.nansum(q))]), "quality_n": np.array([int(np.isfinite(q).sum())]),
         }
