@@ -30,6 +30,9 @@ from synray.study.measure import Measurer, read_images, sample_grid
 
 __all__ = ["RowResult", "StudyRun", "expand_rows"]
 
+#: generator actors of a study synth job: one per core of the 2-core machine the study is sized for
+ACTORS = 2
+
 
 @dataclass
 class RowResult:
@@ -103,7 +106,7 @@ class StudyRun:
         c = self.cfg.context_faces
         uri = os.path.join(self.cfg.output, "context_faces")
         count = self._most_identities()
-        self._synth(c.config, uri, c.ldm, [*c.overrides, f"identities.count={count}", "generator.images_per_identity=1"])
+        self._synth(c.config, uri, c.ldm, count, [*c.overrides, "generator.images_per_identity=1"])
         images, ids, _ = read_images(uri)
         folder = os.path.join(self.cfg.output, "context_faces_png")
         os.makedirs(folder, exist_ok=True)
@@ -134,14 +137,16 @@ class StudyRun:
         self._inputs["domain_real"] = uri
 
     # -- jobs ------------------------------------------------------------------------------------
-    def _synth(self, config: str, uri: str, ldm: str, overrides: list[str]) -> dict[str, Any]:
+    def _synth(self, config: str, uri: str, ldm: str, count: int, overrides: list[str]) -> dict[str, Any]:
+        """A ``synth`` job of ``count`` identities in one unit per generator actor: a row's images take
+        the same time on each core."""
         g = self.assets.ldms[ldm]
         base = [f"output.uri={uri}", f"seed={self.cfg.world.seed}", "identities.start=0",
-                f"identities.count={self.cfg.synth_identities}", "identities.unit_size=64",
+                f"identities.count={count}", f"identities.unit_size={-(-count // ACTORS)}",
                 f"generator.images_per_identity={self.cfg.synth_images}", "generator.type=ldm",
                 f"generator.unet={g['unet']}", f"generator.vq_decoder={g['vq_decoder']}",
                 f"generator.vq_config={json.dumps(g['vq_config'])}", f"generator.latent_shape={json.dumps(g['latent_shape'])}",
-                "generator.num_gpus=0", "generator.batch_size=64", "generator.max_actors=2",
+                "generator.num_gpus=0", "generator.batch_size=64", f"generator.max_actors={ACTORS}",
                 f"generator.world_difficulty={world_difficulty(self.cfg)}", f"contexts.dim={self.assets.context_dim}",
                 "contexts.path=null", f"contexts.embedder={self.assets.teacher}", "quality.embedder=null",
                 "alignment.mode=none"]  # the world LDM decodes aligned faces; the student resizes
@@ -149,7 +154,10 @@ class StudyRun:
         return run_job(job).metrics
 
     def _student(self, name: str, data: str, train: list[str]):
-        return train_student(self.cfg, name, data, self.bins, self.tracking, extra=self._placeholders(train))
+        # verification after the last epoch only: the table reads the final student, and on 2 cores each
+        # epoch's check (~2 s on one worker while the other waits) would cost more than the epoch's training
+        return train_student(self.cfg, name, data, self.bins, self.tracking,
+                             extra=[f"eval.every_epochs={self.cfg.student_epochs}", *self._placeholders(train)])
 
     def _measure(self, res: RowResult, uri: str, kinds: tuple[str, ...] = ("generated",),
                  factors: np.ndarray | None = None) -> None:
@@ -184,9 +192,8 @@ class StudyRun:
 
     def _row_synth(self, name: str, row: RowConfig, res: RowResult) -> None:
         uri = os.path.join(self.cfg.output, "data", name)
-        extra = [f"identities.count={self.cfg.synth_identities * row.identity_scale}", *row.overrides,
-                 *(row.tiny if self.cfg.tiny else [])]
-        metrics = self._synth(row.config, uri, row.ldm, extra)
+        extra = [*row.overrides, *(row.tiny if self.cfg.tiny else [])]
+        metrics = self._synth(row.config, uri, row.ldm, self.cfg.synth_identities * row.identity_scale, extra)
         res.dataset, res.images_per_second = uri, metrics.get("images_per_second")
         self._measure(res, uri)
         if row.student:
@@ -213,7 +220,8 @@ class StudyRun:
                 "generator.crop=resize", f"teacher={self.assets.teacher}", f"student.name={student.backbone.name}",
                 f"student.kwargs={json.dumps(kwargs)}", f"crop_size={int(size[0])}", f"eval.bins=[{self.bins}]",
                 *self._placeholders(row.overrides), *(row.tiny if self.cfg.tiny else []), *self.tracking]
-        out = run_job(load_job(row.config, over, kind="distill"))
+        epochs = load_job(row.config, over, kind="distill").epochs
+        out = run_job(load_job(row.config, [*over, f"eval.every_epochs={epochs}"], kind="distill"))  # the last only
         self._fill(res, out)
         res.images_per_second = out.metrics.get("images_per_second")
         res.metrics = {k: out.metrics[k] for k in ("val/cos", "val/cos_initial", "val/cos_constant") if k in out.metrics}
