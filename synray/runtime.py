@@ -39,9 +39,22 @@ def is_quiet(cfg: RayConfig | None = None) -> bool:
     return bool((cfg and cfg.quiet) or os.environ.get("SYNRAY_QUIET") or os.environ.get("CI"))
 
 
+class _PoolAtItsSize(logging.Filter):
+    """Drops Ray Data's warning that an actor pool handing each actor one task at a time cannot scale up by
+    utilization: synray starts the generator pool at the size its units need (one actor per unit, up to
+    ``max_actors``; :func:`synray.synthesis.pipeline.build_dataset`), so it never has to."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "will not allow it to scale up" not in record.getMessage()
+
+
 def configure_data_context(quiet: bool) -> None:
     import ray.data
     from ray.util.debug import log_once
+
+    pool_log = logging.getLogger("ray.data._internal.actor_autoscaler.default_actor_autoscaler")
+    if not any(isinstance(f, _PoolAtItsSize) for f in pool_log.filters):
+        pool_log.addFilter(_PoolAtItsSize())
 
     ctx = ray.data.DataContext.get_current()
     # one progress display per job, synray's own (synray.progress): Ray Data's bars are off, and Ray Data's
