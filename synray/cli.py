@@ -29,7 +29,8 @@ FLAGS: dict[str, dict[str, tuple[str, list[str]]]] = {
                           ["assets_only=true"]),
     },
     "study": {
-        "--tiny": ("CI size (about 6 minutes on 2 cores)", []),  # filled from synray.study.job.TINY
+        # filled from synray.study.job.TINY
+        "--tiny": ("CI size: 24 identities x 6 images a row (about 12 minutes on 2 idle cores)", []),
         "--rebuild-assets": ("retrain the study's extra world assets first (CPD 0 and UIFace LDMs, nuisance regressor, "
                              "CFSM model)", ["rebuild_assets=true"]),
         "--assets-only": ("only (re)build the study's world assets into assets=DIR (default: synray/assets/world)",
