@@ -334,9 +334,9 @@ def test_the_generator_pool_starts_one_actor_per_unit_and_feeds_each_one_at_a_ti
     second: the study's 2-unit jobs generated on one of the machine's 2 cores (MLflow's generator_seconds equal to
     the span). The pool now starts one actor per unit, up to max_actors, and hands each one unit at a time, so a
     second unit waits for a free actor instead of queueing behind the first. (The study's runs report
-    generator_actors 2 with about twice the span in generator_seconds; in the tests' Ray session, whose object
-    store is small, a 3-unit LDM job still ran on one actor, for a reason not established, so this checks the
-    pool's configuration.)"""
+    generator_actors 2 with about twice the span in generator_seconds, as does a plain 4-CPU Ray with a 384 MiB
+    object store; in the tests' Ray session a 3-unit job still ran on one actor, for a reason not established,
+    so this checks the pool's configuration.)"""
     from synray.synthesis.pipeline import build_dataset, prepare
 
     cfg = load_job(ROOT / "conf/synth/world.yaml", ["tracking.enabled=false", f"identities.count={4 * units}",
