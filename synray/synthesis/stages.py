@@ -67,16 +67,10 @@ class ContextFaceStage:
 
 def _actor_name() -> str:
     """Which generator made a unit: the Ray actor's id, or the process in a plain loop."""
-    try:
-        import ray
+    import ray
 
-        if ray.is_initialized():
-            actor = ray.get_runtime_context().get_actor_id()
-            if actor:
-                return actor
-    except ImportError:  # pragma: no cover - ray is a dependency
-        pass
-    return f"local-{os.getpid()}"
+    actor = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
+    return actor or f"local-{os.getpid()}"
 
 
 class GenerateStage:
