@@ -108,11 +108,21 @@ def train_ldm(cfg: QuickstartConfig, real_uri: str, teacher: str, work: str, tra
                           *extra, *tracking))
 
 
+def teacher_schedule(cfg: QuickstartConfig) -> list[str]:
+    """The teacher's learning rate drops once, after half its epochs, as the shipped build's does (8 epochs, drop
+    after 4) at any ``teacher_epochs``: with the recipe's fixed drop after epoch 4, the tiny build's 16 epochs spent
+    three quarters at the low rate and its teacher cleared pixel matching by +1 to +9 points on the average (seen),
+    against +8 to +9 with the drop at half. The teacher stage's own overrides come after, so a recipe that sets
+    ``schedule.milestones`` keeps them."""
+    return [f"schedule.milestones=[{max(1, cfg.teacher_epochs // 2)}]"]
+
+
 def build_assets(cfg: QuickstartConfig, real_uri: str, bins: str, dest: str, tracking: list[str]) -> dict[str, Any]:
     """Train the world teacher (``synray train``) and the LDM (``synray train-ldm``) and copy them to ``dest``."""
     work = os.path.join(cfg.output, "assets-build")
-    teacher = run_job(_stage(cfg.teacher, "name=teacher", f"epochs={cfg.teacher_epochs}", f"data.train={real_uri}", f"eval.bins=[{bins}]",
-                                  f"output.uri={work}", *tracking))
+    teacher = run_job(load_job(cfg.teacher.config, [*teacher_schedule(cfg), *cfg.teacher.overrides, "name=teacher",
+                                                    f"epochs={cfg.teacher_epochs}", f"data.train={real_uri}",
+                                                    f"eval.bins=[{bins}]", f"output.uri={work}", *tracking]))
     teacher_path = teacher.model_uri
     ldm = train_ldm(cfg, real_uri, teacher_path, work, tracking)
     os.makedirs(dest, exist_ok=True)

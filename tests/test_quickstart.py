@@ -25,6 +25,35 @@ def test_quickstart_config_validates_and_tiny_applies():
         load_config(QUICKSTART, QuickstartConfig, ["world.train_identity=3"])
 
 
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("overrides, want", [
+    ([], [4]),  # the shipped build: 8 epochs, the drop after 4, as before the rule
+    (["teacher_epochs=16"], [8]),  # the tiny build (was after 4: three quarters at the low rate)
+    (["teacher_epochs=16", 'teacher.overrides=["epochs=8", "schedule.milestones=[3]"]'], [3]),  # a recipe's own wins
+])
+def test_the_teachers_learning_rate_drops_after_half_its_epochs(monkeypatch, tmp_path, overrides, want):
+    """``build_assets`` trains the teacher with its one learning-rate drop after half of ``teacher_epochs``: the
+    tiny build's teacher then clears pixel matching by +8 to +9 points (seen on 4 builds) instead of +1 to +9."""
+    import synray.quickstart as qs
+
+    jobs = []
+
+    def first_job(job):
+        jobs.append(job)
+        raise _Stop
+
+    monkeypatch.setattr(qs, "run_job", first_job)
+    cfg = load_config(QUICKSTART, QuickstartConfig, [f"output={tmp_path}", *overrides])
+    with pytest.raises(_Stop):
+        qs.build_assets(cfg, str(tmp_path / "real"), str(tmp_path / "bins"), str(tmp_path / "assets"), [])
+    teacher = jobs[0]
+    assert teacher.name == "teacher" and teacher.epochs == cfg.teacher_epochs
+    assert teacher.schedule.name == "step" and teacher.schedule.milestones == want
+
+
 SHIPPED_FILES = ("teacher.pt", "unet.ckpt", "vq_decoder.pt")
 TINY_RECORD = os.path.join(os.path.dirname(__file__), "data", "quickstart_tiny_assets.json")
 STUDY_TINY_RECORD = os.path.join(os.path.dirname(__file__), "data", "study_tiny_assets.json")
@@ -184,8 +213,10 @@ def test_world_assets_rebuild_within_tolerance_from_another_directory(tmp_path):
     teacher = load_config(QUICKSTART, QuickstartConfig).teacher
     floor = untrained_student(teacher, str(work / "outputs" / "quickstart" / "bins"))
     got = {k: v["accuracy"] for k, v in meta["teacher_verification"].items()}
-    assert got["average"] >= floor["average"]["accuracy"] + 0.02, (got, floor)  # seen: +3.7 to +8.8 points
-    assert got["world-frontal"] >= floor["world-frontal"]["accuracy"] + 0.03, (got, floor)  # seen: +5.0 to +9.0
+    # seen (5 builds): average +7.5 to +9.8 points, world-frontal +8.7 to +10.0 (the record's note; with the learning
+    # rate dropped after 4 of 16 epochs, before, one CI build cleared the average by +1.2)
+    assert got["average"] >= floor["average"]["accuracy"] + 0.04, (got, floor)
+    assert got["world-frontal"] >= floor["world-frontal"]["accuracy"] + 0.05, (got, floor)
     for name, ref in record["teacher_verification"].items():
         assert abs(got[name] - ref["accuracy"]) <= (0.1 if name == "world-hard" else 0.06), (name, got, ref["accuracy"])
     got, ref = meta["ldm_metrics"]["loss"], record["ldm_metrics"]["loss"]
