@@ -211,6 +211,13 @@ class TrainResult:
             outcome.extra.update(publish_roc(scores, folder, tracker, label))
 
 
+#: Ray Train's controller collects a worker's report when it polls the workers (every 2 s by default), and a
+#: worker's next report waits until the last one was collected (a queue of one): a job whose epochs are shorter than
+#: the interval waits for the poll at every epoch's report, and for the last one at the end. synray polls every
+#: 0.5 s unless ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` is set (the controller inherits the driver's value).
+POLL_INTERVAL_S = "0.5"
+
+
 def fit(
     loop: Callable[..., Any],
     cfg: Any,
@@ -234,6 +241,7 @@ def fit(
     """
     if settings is not None:
         check_resume(storage.join(output_uri, name), settings)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", POLL_INTERVAL_S)
     storage_path, fs = run_storage(output_uri)
     board = None if quiet else ray.remote(num_cpus=0)(Board).remote()
     train_callbacks = []
