@@ -14,6 +14,7 @@ job's MLflow run fed from the controller.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -118,8 +119,18 @@ def _checkpoint_name(metrics: Mapping[str, Any]) -> str:
     return f"checkpoint_{int(metrics['step']):09d}"
 
 
+def quiet_report_log() -> None:
+    """Ray Train logs every report (its whole metrics dict, from every rank) at INFO on a logger named by its source
+    file's path, which the run's ``LoggingConfig`` level (it filters ``ray.train.*``) misses: a user saw two such
+    lines per epoch under synray's own. That logger keeps its warnings."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def _worker(config: dict[str, Any]) -> None:
     """The function every Ray Train rank runs: hooks from the train context, then the job's loop."""
+    quiet_report_log()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
