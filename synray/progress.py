@@ -7,6 +7,7 @@ while ``trainer.fit()`` blocks; Ray's own progress bars are off so that there is
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
@@ -30,7 +31,7 @@ class JobProgress:
 
     def __init__(self, title: str, total: int | None, unit: str, quiet: bool, every_s: float = 10.0) -> None:
         self.title, self.total, self.unit, self.quiet, self.every_s = title, total, unit, quiet, every_s
-        self._last_line = 0.0
+        self._last_line = -math.inf  # time.monotonic() counts from boot: the first line always prints
         self._printed_final = False
         self._first: tuple[float, float] | None = None  # (time, count) of the first progress seen
         self._live = None
@@ -87,7 +88,7 @@ class Throttle:
     """Calls ``send`` at most every ``every_s`` seconds (rank 0's posts to the board)."""
 
     def __init__(self, send: Callable[[dict[str, Any]], None], every_s: float = 2.0) -> None:
-        self.send, self.every_s, self._last = send, every_s, 0.0
+        self.send, self.every_s, self._last = send, every_s, -math.inf
 
     def __call__(self, fields: dict[str, Any], force: bool = False) -> None:
         now = time.monotonic()

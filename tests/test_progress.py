@@ -4,7 +4,9 @@ import synray.progress as progress
 from synray.progress import JobProgress
 
 
-def test_progress_lines_off_a_terminal_end_with_one_final_line(capsys):
+def test_progress_lines_off_a_terminal_end_with_one_final_line(capsys, monkeypatch):
+    # time.monotonic() counts from boot: on a machine up for a minute the first line must print all the same
+    monkeypatch.setattr(progress.time, "monotonic", lambda: 60.0)
     p = JobProgress("train-ldm", total=100, unit="step", quiet=False, every_s=3600.0)
     p.update(10, loss=0.5)  # the first line prints at once, then at most every every_s seconds
     p.update(50, loss=0.4)
@@ -17,6 +19,16 @@ def test_progress_lines_off_a_terminal_end_with_one_final_line(capsys):
     quiet = JobProgress("synth", total=4, unit="units", quiet=True)
     quiet.update(4)
     assert capsys.readouterr().err == ""
+
+
+def test_the_boards_throttle_sends_the_first_post_at_once(monkeypatch):
+    monkeypatch.setattr(progress.time, "monotonic", lambda: 60.0)  # a machine up for a minute
+    sent = []
+    throttle = progress.Throttle(sent.append, every_s=3600.0)
+    throttle({"step": 1})
+    throttle({"step": 2})
+    throttle({"step": 3}, force=True)
+    assert sent == [{"step": 1}, {"step": 3}]
 
 
 def test_eta_is_the_rate_since_the_first_step_not_since_start_up(capsys, monkeypatch):
