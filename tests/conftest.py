@@ -97,6 +97,29 @@ import urllib.request  # noqa: E402
 # Ray's token authentication on, as users run it: explicitly, so that clients naming an address (test clusters,
 # `ray job submit`) use it too (Ray reads the mode once, when it is first imported)
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def _private_auth_token() -> None:
+    """A token for this test process's Ray clusters, in a file of its own (``RAY_AUTH_TOKEN_PATH``, which Ray's
+    processes and clients read before ``~/.ray/auth_token``). Only a local ``ray.init`` makes a missing token:
+    ``ray start --head`` and ``ray.cluster_utils`` refuse to start without one (``ray get-auth-token --generate``
+    for users), so on a fresh machine the cluster tests failed unless another test had run ``ray.init`` first."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    import atexit
+    import secrets
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="synray-token-")
+    path = os.path.join(folder, "auth_token")
+    with open(path, "w") as fh:
+        fh.write(secrets.token_hex(32))
+    os.chmod(path, 0o600)
+    atexit.register(shutil.rmtree, folder, True)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = path
+
+
+_private_auth_token()
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("SYNRAY_QUIET", "1")

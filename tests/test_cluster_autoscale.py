@@ -116,8 +116,8 @@ def test_fake_cluster_scales_up_for_gpu_work_and_down_when_idle(monkeypatch):
 
     # AUTOSCALER_UPDATE_INTERVAL_S=1 (Ray's own fake-cluster tests use it) runs the autoscaler loop
     # every second instead of every 5 s, so scale-up and scale-down show sooner.
-    # token authentication stays on: `ray start` makes (or reuses) ~/.ray/auth_token, and clients that name an
-    # address read it only with RAY_AUTH_MODE=token, as the README tells cluster users
+    # token authentication stays on: `ray start` reads the token (conftest's RAY_AUTH_TOKEN_PATH here, a user's
+    # ~/.ray/auth_token), and clients that name an address use it only with RAY_AUTH_MODE=token, as the README says
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_FAKE_CLUSTER": "1", "RAY_TMPDIR": tmp,
            "RAY_USAGE_STATS_ENABLED": "0", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     monkeypatch.setenv("RAY_TMPDIR", tmp)  # the driver's address file and logs stay in tmp too
