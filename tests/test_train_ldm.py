@@ -176,6 +176,18 @@ def test_local_training_writes_the_published_layout_and_resumes(faces, tmp_path,
     assert prepare_latents(cfg, use_ray=False).files == info.files  # finished: nothing re-encoded
     with pytest.raises(LDMDataError, match="another data/contexts/vq config"):
         prepare_latents(cfg.model_copy(update={"data": cfg.data.model_copy(update={"image_size": (16, 16)})}), use_ray=False)
+    # another UNet recipe (another name: its own run folder) on these latents: nothing fitted or encoded again
+    other = ldm_cfg(faces, tmp_path / "out", world_teacher, name="other",
+                    data={**cfg.data.model_dump(), "latents": info.uri},
+                    unet={"flavour": "idiff_face", "context_dropout": 0.0, "architecture": UNET})
+    assert prepare_latents(other, use_ray=False) == info
+    assert not (tmp_path / "out" / "other").exists()
+    with pytest.raises(LDMDataError, match="data.latents: .* another data/contexts/vq config"):
+        prepare_latents(other.model_copy(update={"data": other.data.model_copy(update={"image_size": (16, 16)})}),
+                        use_ray=False)
+    with pytest.raises(LDMDataError, match="data.latents: .*latents.json does not exist"):
+        prepare_latents(ldm_cfg(faces, tmp_path / "out", world_teacher,
+                                data={**cfg.data.model_dump(), "latents": str(tmp_path / "none")}), use_ray=False)
 
     saved, reports = {}, []
 
@@ -223,7 +235,7 @@ def test_train_ldm_on_ray_then_synthesize(ray_session, world_teacher, tmp_path):
     run_local(world)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     common = [f"data.path={tmp_path}/world", f"contexts.embedder={world_teacher}", f"output.uri={tmp_path}/ldm",
-              f"tracking.uri={uri}", "tracking.experiment=t-ldm", "data.unit_size=12", "vq.fit.steps=40",
+              f"tracking.uri={uri}", "tracking.experiment=t-ldm", "data.unit_size=12", "vq.fit.steps=10",
               "vq.fit.n_embed=64", "training.batch_size=4", "training.checkpoint_every=4", "training.log_every=2",
               "unet.flavour=uiface"]  # learnable empty context + uncond20 under DDP
     first = run_job(load_job(ROOT / "conf/ldm/world_tiny.yaml", common + ["training.steps=4"]), quiet=True)

@@ -46,6 +46,10 @@ class LDMDataConfig(StrictModel):
     max_images: int | None = Field(None, ge=1)  # use only the first N images (canonical order)
     unit_size: int = Field(1024, ge=1)  # images per latent shard (the unit of resumable encoding)
     allow_incomplete: bool = False  # shards: read a dataset without its completion marker (a half-finished synthesis)
+    #: the ``latents/`` folder of an earlier run on the same images, contexts and first stage (its fingerprint must
+    #: match this config's): the first stage fit and the encoding are skipped, e.g. for a second UNet recipe (CPD 0,
+    #: UIFace) on the latents of the first
+    latents: URI | None = None
 
 
 class LDMContextsConfig(StrictModel):

@@ -69,8 +69,10 @@ class LatentsInfo:
 
 
 def _fingerprint(cfg: LDMConfig) -> str:
-    return config_hash(cfg, exclude={"name", "unet", "training", "scaling", "encode", "checkpoint", "output",
-                                      "tracking", "ray", "kind"})
+    """What the latents depend on: data, contexts, first stage (``data.latents`` only says where they are)."""
+    return config_hash(cfg, exclude={"name": True, "unet": True, "training": True, "scaling": True, "encode": True,
+                                      "checkpoint": True, "output": True, "tracking": True, "ray": True, "kind": True,
+                                      "data": {"latents"}})
 
 
 def encode_unit(unit: int, indices: list[int], items: ImageItems, first_stage: str, vq_dict: dict,
@@ -134,9 +136,22 @@ def prepare_latents(cfg: LDMConfig, run_uri: str | None = None, use_ray: bool | 
     ``encode.max_in_flight`` at a time), else a loop.
     """
     run_uri = run_uri or storage.join(cfg.output.uri, cfg.name)
+    fp = _fingerprint(cfg)
+    if cfg.data.latents:
+        meta_uri = storage.join(cfg.data.latents, "latents.json")
+        if not storage.exists(meta_uri):
+            raise LDMDataError(f"data.latents: {meta_uri} does not exist (give the latents/ folder of a finished "
+                               "train-ldm run's encoding)")
+        info = LatentsInfo.from_dict(json.loads(storage.read_bytes(meta_uri)))
+        if info.fingerprint != fp:
+            raise LDMDataError(f"data.latents: {cfg.data.latents} was encoded from another data/contexts/vq config "
+                               f"(fingerprint {info.fingerprint}, this config's {fp})")
+        missing = [f for f in info.files if not storage.exists(f)]
+        if missing:
+            raise LDMDataError(f"data.latents: {len(missing)} latent file(s) missing, e.g. {missing[0]}")
+        return info
     out = storage.join(run_uri, "latents")
     meta_uri = storage.join(out, "latents.json")
-    fp = _fingerprint(cfg)
     if storage.exists(meta_uri):
         info = LatentsInfo.from_dict(json.loads(storage.read_bytes(meta_uri)))
         if info.fingerprint != fp:

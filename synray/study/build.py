@@ -3,7 +3,8 @@
 If the asset folder lacks the quickstart's teacher and LDM, the quickstart's own build runs first (a nested
 ``quickstart`` job with ``--assets-only``, on the study's world split). Then, on the real split of the assets'
 world: the CPD 0 and UIFace LDMs (``synray train-ldm`` with the quickstart's LDM recipe plus one override
-each), the nuisance regressor, the CFSM synthesis model and the teacher's identity centroids of that split.
+each; the second trains on the first's latents, `data.latents`), the nuisance regressor, the CFSM synthesis
+model and the teacher's identity centroids of that split.
 """
 
 from __future__ import annotations
@@ -56,10 +57,12 @@ def build_study_assets(cfg: StudyConfig, folder: str, tracking: list[str], log=p
     meta: dict[str, Any] = {"made_by": "synray study --rebuild-assets", "world": world, "ldms": {}}
     work = os.path.join(cfg.output, "assets-build")
     phases = meta["phase_seconds"] = {}
+    latents: list[str] = []  # the first LDM's encoding serves the others: same images, contexts and first stage
     for name, extra in EXTRA_LDMS.items():
         log(f"[synray study] LDM {name}: synray train-ldm with {extra}")
         t = time.perf_counter()
-        out = train_ldm(qs, real_uri, teacher, work, tracking, name=f"ldm_{name}", extra=extra)
+        out = train_ldm(qs, real_uri, teacher, work, tracking, name=f"ldm_{name}", extra=[*extra, *latents])
+        latents = latents or [f"data.latents={out.extra['latents']['uri']}"]
         gen = copy_ldm(out.extra["generator"], folder, name)
         meta["ldms"][name] = {**gen, "overrides": extra, "metrics": out.metrics}
         phases[f"ldm_{name}"] = time.perf_counter() - t
