@@ -30,7 +30,7 @@ from synray.tracking import mlflow_ui_hint
 from synray.world.world import DEFAULT_DIFFICULTY, World
 
 ASSET_FILES = ("teacher.pt", "generator.json", "unet.ckpt", "vq_decoder.pt")
-#: ``--tiny``: CI size (about 3 minutes on 2 cores with the shipped assets; a tiny ``--rebuild-assets`` adds 3)
+#: ``--tiny``: CI size (about 3.5 minutes on 2 cores with the shipped assets; a tiny ``--rebuild-assets`` adds 5)
 TINY = ["world.train_identities=48", "world.images_per_identity=16", "world.verification_pairs=300",
         "synth_identities=48", "synth_images_per_identity=16", "teacher_epochs=16", "student_epochs=6",
         "ldm_steps=100", "vq_fit_steps=60", "distill.iterations_per_epoch=4", "distill.epochs=2", "distill.batch_size=16"]
