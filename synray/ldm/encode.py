@@ -75,6 +75,15 @@ def _fingerprint(cfg: LDMConfig) -> str:
                                       "data": {"latents"}})
 
 
+def _stored_latents(meta_uri: str, fingerprint: str, where: str, hint: str) -> LatentsInfo:
+    """A finished encoding's ``latents.json``, refused when it was made from another data/contexts/vq config."""
+    info = LatentsInfo.from_dict(json.loads(storage.read_bytes(meta_uri)))
+    if info.fingerprint != fingerprint:
+        raise LDMDataError(f"{where} was encoded from another data/contexts/vq config (fingerprint {info.fingerprint}, "
+                           f"this config's {fingerprint}){hint}")
+    return info
+
+
 def encode_unit(unit: int, indices: list[int], items: ImageItems, first_stage: str, vq_dict: dict,
                 image_size: tuple[int, int], embedder: str | None, contexts: np.ndarray | None,
                 out_uri: str, device: str = "cpu", batch_size: int = 64) -> dict[str, Any]:
@@ -142,10 +151,7 @@ def prepare_latents(cfg: LDMConfig, run_uri: str | None = None, use_ray: bool | 
         if not storage.exists(meta_uri):
             raise LDMDataError(f"data.latents: {meta_uri} does not exist (give the latents/ folder of a finished "
                                "train-ldm run's encoding)")
-        info = LatentsInfo.from_dict(json.loads(storage.read_bytes(meta_uri)))
-        if info.fingerprint != fp:
-            raise LDMDataError(f"data.latents: {cfg.data.latents} was encoded from another data/contexts/vq config "
-                               f"(fingerprint {info.fingerprint}, this config's {fp})")
+        info = _stored_latents(meta_uri, fp, f"data.latents: {cfg.data.latents}", "")
         missing = [f for f in info.files if not storage.exists(f)]
         if missing:
             raise LDMDataError(f"data.latents: {len(missing)} latent file(s) missing, e.g. {missing[0]}")
@@ -153,11 +159,7 @@ def prepare_latents(cfg: LDMConfig, run_uri: str | None = None, use_ray: bool | 
     out = storage.join(run_uri, "latents")
     meta_uri = storage.join(out, "latents.json")
     if storage.exists(meta_uri):
-        info = LatentsInfo.from_dict(json.loads(storage.read_bytes(meta_uri)))
-        if info.fingerprint != fp:
-            raise LDMDataError(f"{out} was encoded from another data/contexts/vq config (fingerprint {info.fingerprint}, "
-                               f"now {fp}); choose another name or output.uri")
-        return info
+        return _stored_latents(meta_uri, fp, out, "; choose another name or output.uri")
     items = list_images(cfg)
     contexts = load_context_file(cfg.contexts.path, items) if cfg.contexts.source == "file" else None
     first_stage, vq_dict = prepare_first_stage(cfg, run_uri, items)
