@@ -59,8 +59,10 @@ def run(cfg: LDMConfig, ctx: JobContext) -> Outcome:
     stage = json.loads(storage.read_bytes(storage.join(info.first_stage, VQ_CONFIG_FILE)))
     tracker.log_metrics({f"first_stage/{k}": v for k, v in stage.items() if isinstance(v, float)})
     loc = storage.resolve(info.uri)
-    ds = ray.data.read_parquet([storage.resolve(f).path for f in info.files], filesystem=loc.fs,
-                               columns=["latent", "latent_flip", "context"])
+    paths = [storage.resolve(f).path for f in info.files]
+    ds = ray.data.read_parquet(paths, filesystem=loc.fs, columns=["latent", "latent_flip", "context"])
+    if sum(i.size or 0 for i in loc.fs.get_file_info(paths)) <= cfg.data.cache_bytes:
+        ds = ds.materialize()
     result = fit(ldm_loop, cfg, name=f"{cfg.name}-train", output_uri=cfg.output.uri, scaling=cfg.scaling,
                  checkpoint=cfg.checkpoint, extra={"latents": info.to_dict()}, datasets={"train": ds},
                  callbacks=ctx.callbacks, tracker=tracker, job="train-ldm", quiet=ctx.quiet,
