@@ -27,7 +27,8 @@ torch.set_num_threads(1)
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "train" / "world_tiny.yaml"
 SIZE = 32  # the world renders straight at the backbone's input size
-TRAIN_IDS, PER_ID = 100, 32  # 3200 rows: 50 steps of 64 (25 of 128) per epoch
+TRAIN_IDS, PER_ID = 100, 32  # 3200 rows: 50 steps of 64 per epoch
+SMALL_PER_ID = 8  # the resume test's set: 800 rows, 25 steps of 32 per epoch (what it checks is the step count)
 REAL_IDS = range(200, 232)  # other world identities standing in for a real-labelled set
 
 
@@ -53,9 +54,11 @@ def world_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("world-train")
     world = World(seed=0, num_identities=TRAIN_IDS)
     _write_units(world, str(root / "shards"), range(TRAIN_IDS), PER_ID, 25, mixed=True)
+    _write_units(world, str(root / "small"), range(TRAIN_IDS), SMALL_PER_ID, 25, mixed=True)
     _write_units(world, str(root / "real"), REAL_IDS, 8, 16)
     bins = world.write_verification_bins(root / "bins", num_pairs=300, size=SIZE, sets={"world-heldout": 1.0})
-    return {"root": root, "shards": str(root / "shards"), "real": str(root / "real"), "bins": str(bins["world-heldout"])}
+    return {"root": root, "shards": str(root / "shards"), "small": str(root / "small"), "real": str(root / "real"),
+            "bins": str(bins["world-heldout"])}
 
 
 def _cfg(world_data, *overrides: str) -> TrainConfig:
@@ -108,7 +111,7 @@ def test_killed_worker_resumes_then_rerun_on_one_worker(ray_session, world_data,
     step 30 and the epoch finishes at step 50. A re-run with the same name on 1 worker continues at step 50.
     Identity and domain mixup are on throughout."""
     marker = tmp_path / "crashed"
-    common = ["name=resume", f"output.uri={tmp_path / 'out'}", "batch_size=128", "mixup.identity=true", "mixup.domain.enabled=true",
+    common = ["name=resume", f"data.train={world_data['small']}", f"output.uri={tmp_path / 'out'}", "batch_size=32", "mixup.identity=true", "mixup.domain.enabled=true",
               f"mixup.domain.real={world_data['real']}", "eval.every_epochs=2"]
     cfg = _cfg(world_data, *common, "epochs=2", "checkpoint.max_failures=1", "checkpoint.every_steps=15")
     first = run_job(cfg, callbacks=[CrashOnce(step=35, rank=1, marker=marker)])
