@@ -8,6 +8,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export SYNRAY_QUIET=1 RAY_USAGE_STATS_ENABLED=0
+# one intra-op thread per process: the two pytest processes and their Ray workers already keep both cores busy, and
+# torch's OpenMP threads busy-wait; two 2-thread processes on 2 cores ran 1.7x slower than two 1-thread ones
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 own_log=$(mktemp)
 python -m pytest -q -p no:cacheprovider -m "cluster or beside" "$@" >"$own_log" 2>&1 &
 own_pid=$!
