@@ -250,7 +250,7 @@ run_synthesis(cfg, progress=False)
 @pytest.mark.ray
 def test_kill_and_resume_on_s3(ray_session, s3_server, tmp_path):
     uri = f"s3://{s3_server['bucket']}/resume-{time.time_ns()}"
-    over = [*WORLD, "identities.count=160", "identities.unit_size=4", "generator.images_per_identity=12",
+    over = [*WORLD, "identities.count=80", "identities.unit_size=4", "generator.images_per_identity=6",
             "generator.max_actors=1", f"output.uri={uri}"]
     address = ray_session.get_runtime_context().gcs_address
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(ROOT / "conf/synth/world.yaml"), *over,
@@ -265,12 +265,12 @@ def test_kill_and_resume_on_s3(ray_session, s3_server, tmp_path):
         if proc.poll() is None:
             proc.kill()
     partial = shards.list_shards(uri)
-    assert 0 < len(partial) < 40, f"expected an interrupted run, found {len(partial)} of 40 shards"
+    assert 0 < len(partial) < 20, f"expected an interrupted run, found {len(partial)} of 20 shards"
     cfg = load_job(ROOT / "conf/synth/world.yaml", over)
     summary = run_synthesis(cfg)
-    assert summary["units_skipped"] == len(partial) and summary["units_written"] == 40 - len(partial)
+    assert summary["units_skipped"] == len(partial) and summary["units_written"] == 20 - len(partial)
     resumed = dataset_images(uri)
-    assert sorted({k[0] for k in resumed}) == list(range(160)) and len(resumed) == 160 * 12
+    assert sorted({k[0] for k in resumed}) == list(range(80)) and len(resumed) == 80 * 6
     ref = load_job(ROOT / "conf/synth/world.yaml", [*over[:-1], f"output.uri={tmp_path / 'ref'}"])
     run_local(ref)
     reference = dataset_images(str(tmp_path / "ref"))
