@@ -182,23 +182,26 @@ def test_tiny_quickstart_end_to_end(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_world_assets_rebuild_within_tolerance_from_another_directory(tmp_path):
-    """The documented command (``synray quickstart --rebuild-assets --assets-only``) at tiny size, typed in an empty
-    directory outside the clone: the project's recipe is found, the relative output and tracking store land in that
-    directory (the teacher's verification runs in Ray Train workers, which change directory, on the bins under it),
-    and the build regenerates the recorded tiny build: same files and architecture as the shipped checkpoints, the
-    same generator settings, and a teacher and LDM that reach the recorded accuracy and loss within tolerance.
-    Then the study's extras (``synray study --rebuild-assets --assets-only``) on top of them, the same way.
+    """The documented rebuild, at tiny size, typed in an empty directory outside the clone as one command
+    (``synray study --rebuild-assets --assets-only`` into an empty folder: the quickstart's own build runs first,
+    the same quickstart job ``synray quickstart --rebuild-assets --assets-only`` runs, then the study's extras, in
+    one Ray session). The project's recipe is found, the relative output and tracking store land in that directory
+    (the teacher's verification runs in Ray Train workers, which change directory, on the bins under it), and the
+    build regenerates the recorded tiny builds: same files and architecture as the shipped checkpoints, the same
+    generator settings, and a teacher and LDMs that reach the recorded accuracy and losses within tolerance.
     (Ray Data feeds Train workers in completion order, so weights are not bit-identical from run to run.)"""
     from synray.quickstart import packaged_assets
 
     record = json.loads(open(TINY_RECORD).read())
     work, dest = tmp_path / "elsewhere", tmp_path / "assets"
     work.mkdir()
-    out = synray(work, "quickstart", "--tiny", "--rebuild-assets", "--assets-only", "--set", f"assets={dest}")
-    assert "teacher world-frontal" in out
+    out = synray(work, "study", "--tiny", "--rebuild-assets", "--assets-only", "--set", f"assets={dest}", timeout=2200)
+    # the quickstart's build ran first (its figures printed), then the study's extras
+    assert "teacher world-frontal" in out and "nuisance regressor held-out R^2" in out
     assert set(os.listdir(work)) == {"outputs", "mlruns"} and (work / "mlruns" / "mlflow.db").exists()
-    assert (work / "outputs" / "quickstart" / "bins").is_dir()
-    assert not (work / "outputs" / "quickstart" / "synthetic").exists()  # --assets-only stops after the build
+    build = work / "outputs" / "study" / "assets-build"  # the nested quickstart job's output
+    assert (build / "bins").is_dir()
+    assert not (work / "outputs" / "study" / "data").exists()  # --assets-only stops after the build
     meta = json.loads((dest / "generator.json").read_text())
     assert meta["world"] == record["world"] and meta["context_dim"] == record["context_dim"]
     assert meta["generator"] == record["generator"]
@@ -211,26 +214,26 @@ def test_world_assets_rebuild_within_tolerance_from_another_directory(tmp_path):
     from synray.quickstart import untrained_student
 
     teacher = load_config(QUICKSTART, QuickstartConfig).teacher
-    floor = untrained_student(teacher, str(work / "outputs" / "quickstart" / "bins"))
+    floor = untrained_student(teacher, str(build / "bins"))
     got = {k: v["accuracy"] for k, v in meta["teacher_verification"].items()}
-    # seen (5 builds): average +7.5 to +9.8 points, world-frontal +8.7 to +10.0 (the record's note; with the learning
+    # seen (7 builds): average +4.3 to +9.8 points, world-frontal +8.0 to +10.0 (the record's note; with the learning
     # rate dropped after 4 of 16 epochs, before, one CI build cleared the average by +1.2)
     assert got["average"] >= floor["average"]["accuracy"] + 0.04, (got, floor)
     assert got["world-frontal"] >= floor["world-frontal"]["accuracy"] + 0.05, (got, floor)
+    # world-hard (300 pairs) is the loose one: 60.0 to 70.3% over 7 builds, so it and the average get wider bounds
+    tolerance = {"world-frontal": 0.06, "world-hard": 0.12, "average": 0.07}
     for name, ref in record["teacher_verification"].items():
-        assert abs(got[name] - ref["accuracy"]) <= (0.1 if name == "world-hard" else 0.06), (name, got, ref["accuracy"])
+        assert abs(got[name] - ref["accuracy"]) <= tolerance[name], (name, got, ref["accuracy"])
     got, ref = meta["ldm_metrics"]["loss"], record["ldm_metrics"]["loss"]
     assert meta["ldm_metrics"]["step"] == record["ldm_metrics"]["step"]
     assert abs(got - ref) <= 0.1 * ref, (got, ref)
 
-    # the study's extras on top of them (`synray study --rebuild-assets --assets-only`, tiny): CPD 0 and UIFace
-    # LDMs by the same train-ldm recipe, the nuisance regressor, the CFSM model; compared with the recorded build
-    # (seen: LDM losses and the regressor's R^2 equal to 6 digits, CFSM as below)
+    # the study's extras on top of them: CPD 0 and UIFace LDMs by the same train-ldm recipe, the nuisance
+    # regressor, the CFSM model; compared with the recorded build (seen: LDM losses and the regressor's R^2 equal to
+    # 6 digits, CFSM as below)
     from synray.study.assets import EXTRA_LDMS, ldm_files, load_study_assets
 
     study_record = json.loads(open(STUDY_TINY_RECORD).read())
-    out = synray(work, "study", "--tiny", "--rebuild-assets", "--assets-only", "--set", f"assets={dest}")
-    assert "nuisance regressor held-out R^2" in out and not (work / "outputs" / "study" / "data").exists()
     built = load_study_assets(str(dest))
     assert built.world == record["world"] and built.meta["world"] == study_record["world"]
     for name in EXTRA_LDMS:

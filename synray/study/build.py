@@ -45,7 +45,8 @@ def build_study_assets(cfg: StudyConfig, folder: str, tracking: list[str], log=p
 
     t0 = time.perf_counter()
     os.makedirs(folder, exist_ok=True)
-    if not has_assets(folder):
+    built_base = not has_assets(folder)
+    if built_base:
         log(f"[synray study] no quickstart assets in {folder}: building them first (synray quickstart --assets-only)")
         run_job(quickstart_config(cfg, folder, tracking))
     base = load_assets(folder)
@@ -54,7 +55,8 @@ def build_study_assets(cfg: StudyConfig, folder: str, tracking: list[str], log=p
     real_uri, _, _ = make_real_split(qs, tracking)
     teacher = base["teacher"]
     b = cfg.build
-    meta: dict[str, Any] = {"made_by": "synray study --rebuild-assets", "world": world, "ldms": {}}
+    meta: dict[str, Any] = {"made_by": "synray study --rebuild-assets", "world": world, "ldms": {},
+                            "built_quickstart_assets": built_base}
     work = os.path.join(cfg.output, "assets-build")
     phases = meta["phase_seconds"] = {}
     latents: list[str] = []  # the first LDM's encoding serves the others: same images, contexts and first stage

@@ -120,7 +120,12 @@ def _log_grid(tracker: Any, grid, name: str) -> None:
 
 
 def _assets_summary(folder: str, meta: dict[str, Any]) -> str:
-    lines = [f"study assets in {folder}:"]
+    from synray.quickstart import assets_summary, load_assets
+
+    lines = []
+    if meta.get("built_quickstart_assets"):  # an empty folder: the quickstart's build ran first, in this job
+        lines += [assets_summary(folder, load_assets(folder)["meta"]), ""]
+    lines.append(f"study assets in {folder}:")
     for name, m in meta.get("ldms", {}).items():
         lines.append(f"  LDM {name:<8} loss {m['metrics'].get('loss', float('nan')):.4f} at step {m['metrics'].get('step')}")
     r2 = meta.get("nuisance", {}).get("heldout_r2", {})
