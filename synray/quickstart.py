@@ -138,7 +138,8 @@ def build_assets(cfg: QuickstartConfig, real_uri: str, bins: str, dest: str, tra
             "made_by": "synray quickstart --rebuild-assets", "world": cfg.world.model_dump()}
     with open(os.path.join(dest, "generator.json"), "w") as fh:
         json.dump(meta, fh, indent=2, default=str)
-    return meta
+    # where the build's own teacher and LDM encoding lie (not recorded: the study's extra LDMs reuse the encoding)
+    return {**meta, "work": {"teacher": teacher_path, "ldm_latents": ldm.extra["latents"]["uri"]}}
 
 
 def has_assets(folder: str) -> bool:

@@ -46,9 +46,10 @@ def build_study_assets(cfg: StudyConfig, folder: str, tracking: list[str], log=p
     t0 = time.perf_counter()
     os.makedirs(folder, exist_ok=True)
     built_base = not has_assets(folder)
+    built: dict[str, str] = {}
     if built_base:
         log(f"[synray study] no quickstart assets in {folder}: building them first (synray quickstart --assets-only)")
-        run_job(quickstart_config(cfg, folder, tracking))
+        built = run_job(quickstart_config(cfg, folder, tracking)).extra["meta"]["work"]
     base = load_assets(folder)
     world = base["meta"]["world"]
     qs = quickstart_config(cfg, folder, tracking, world)  # the extras learn the split the teacher and LDM did
@@ -59,11 +60,14 @@ def build_study_assets(cfg: StudyConfig, folder: str, tracking: list[str], log=p
                             "built_quickstart_assets": built_base}
     work = os.path.join(cfg.output, "assets-build")
     phases = meta["phase_seconds"] = {}
-    latents: list[str] = []  # the first LDM's encoding serves the others: same images, contexts and first stage
+    # one encoding serves every LDM (same images, contexts and first stage): the quickstart build's when it ran in
+    # this job (its teacher path is the contexts' embedder the encoding was checked against), else the first's
+    latents = [f"data.latents={built['ldm_latents']}"] if built else []
+    embedder = built.get("teacher", teacher)
     for name, extra in EXTRA_LDMS.items():
         log(f"[synray study] LDM {name}: synray train-ldm with {extra}")
         t = time.perf_counter()
-        out = train_ldm(qs, real_uri, teacher, work, tracking, name=f"ldm_{name}", extra=[*extra, *latents])
+        out = train_ldm(qs, real_uri, embedder, work, tracking, name=f"ldm_{name}", extra=[*extra, *latents])
         latents = latents or [f"data.latents={out.extra['latents']['uri']}"]
         gen = copy_ldm(out.extra["generator"], folder, name)
         meta["ldms"][name] = {**gen, "overrides": extra, "metrics": out.metrics}
