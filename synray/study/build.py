@@ -45,9 +45,8 @@ def build_study_assets(cfg: StudyConfig, folder: str, tracking: list[str], log=p
 
     t0 = time.perf_counter()
     os.makedirs(folder, exist_ok=True)
-    built_base = not has_assets(folder)
-    built: dict[str, str] = {}
-    if built_base:
+    built: dict[str, str] = {}  # where the quickstart build run here left its teacher and encoding
+    if not has_assets(folder):
         log(f"[synray study] no quickstart assets in {folder}: building them first (synray quickstart --assets-only)")
         built = run_job(quickstart_config(cfg, folder, tracking)).extra["meta"]["work"]
     base = load_assets(folder)
@@ -57,7 +56,7 @@ def build_study_assets(cfg: StudyConfig, folder: str, tracking: list[str], log=p
     teacher = base["teacher"]
     b = cfg.build
     meta: dict[str, Any] = {"made_by": "synray study --rebuild-assets", "world": world, "ldms": {},
-                            "built_quickstart_assets": built_base}
+                            "built_quickstart_assets": bool(built)}
     work = os.path.join(cfg.output, "assets-build")
     phases = meta["phase_seconds"] = {}
     # one encoding serves every LDM (same images, contexts and first stage): the quickstart build's when it ran in
