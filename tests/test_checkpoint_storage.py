@@ -85,7 +85,8 @@ def test_ldm_training_killed_mid_upload_resumes_from_the_last_complete_checkpoin
         f"data.path={tmp_path}/world", f"contexts.embedder={world_teacher}", f"output.uri={out}",
         "tracking.enabled=false", "vq.fit.steps=10", "vq.fit.n_embed=64", "training.steps=4",
         "training.checkpoint_every=2", "training.batch_size=4", "data.unit_size=16", "scaling.num_workers=1",
-        "checkpoint.max_failures=1", "checkpoint.num_to_keep=null"])
+        "checkpoint.max_failures=1", "checkpoint.num_to_keep=null",
+        "data.cache_bytes=0"])  # the latents stream from S3 each pass (large sets; small ones are cached elsewhere)
     marker = tmp_path / "killed"
     outcome = run_job(cfg, callbacks=[KillMidUpload(4, marker)], quiet=True)
     assert marker.exists()
