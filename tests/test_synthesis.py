@@ -76,6 +76,16 @@ def test_identity_mixup_draws_a_partner_and_a_weight_per_image():
         C.mixup(1, ids[:1], ids[:1], base[:1], images_per_identity=2)
 
 
+def test_world_synthesis_workers_do_not_import_torch():
+    """A world-generator (or alignment/finish/write) worker imports only the stage module: without torch (1.3 s of
+    a fresh Ray worker's start-up on 2 cores) until a network generator or embedder is built."""
+    code = ("import sys; import synray.synthesis.stages, synray.synthesis.units; "
+            "from synray.synthesis.generators import build_generator; "
+            "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_embeddings_file_errors(tmp_path):
     np.save(tmp_path / "e.npy", np.random.randn(4, 16).astype(np.float32))
     with pytest.raises(C.ContextError, match="dimension 16"):

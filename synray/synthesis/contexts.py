@@ -21,7 +21,11 @@ import pyarrow.parquet as pq
 
 from synray.errors import UserError
 from synray.seeds import CONTEXT, PARTNER, rng
-from synray.training.mixup import SYNFACE_LAMBDAS
+
+#: SynFace's mixing grid ``np.linspace(0, 1.05, 21, endpoint=False)`` rounded to 3 decimals: 0, 0.05, ..., 1.0; the
+#: weights of identity mixup here and the lambdas of domain mixup in training (kept free of torch: synthesis workers
+#: that never run a network do not import it).
+SYNFACE_LAMBDAS: tuple[float, ...] = tuple(float(v) for v in np.round(np.linspace(0, 1.05, 21, endpoint=False), 3))
 
 
 class ContextError(UserError, ValueError):

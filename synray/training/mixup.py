@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from synray.synthesis.contexts import SYNFACE_LAMBDAS
+
 __all__ = [
     "Target", "SYNFACE_LAMBDAS", "sample_lambda", "mix_images", "synface_targets", "mixed_logits", "soft_cross_entropy",
 ]
@@ -35,10 +37,6 @@ class Target:
 
     def index(self, idx: Tensor) -> Target:
         return Target(self.labels[idx], self.weights[idx])
-
-
-#: SynFace's mixing grid ``np.linspace(0, 1.05, 21, endpoint=False)`` rounded to 3 decimals: 0, 0.05, ..., 1.0.
-SYNFACE_LAMBDAS: tuple[float, ...] = tuple(float(v) for v in np.round(np.linspace(0, 1.05, 21, endpoint=False), 3))
 
 
 def sample_lambda(rng: np.random.Generator, grid: Sequence[float] = SYNFACE_LAMBDAS) -> float:
