@@ -103,6 +103,37 @@ def test_ray_data_reads_the_output_and_training_names_a_corrupt_row(ray_session,
                                        "sample": [0, 1, 0, 1], "kind": ["generated"] * 4, "seed": [0, 1, 2, 3],
                                        "height": [8] * 4, "width": [8] * 4})
     shards.finish_dataset(bad)
-    ds = build_dataset(dataset_info(bad), image_size=(8, 8), shuffle="none", batch_size=8, num_cpus=0.5)
+    info = dataset_info(bad)
+    ds = build_dataset(info, image_size=(8, 8), shuffle="none", batch_size=8, num_cpus=0.5)
     with pytest.raises(Exception, match=r"data/part-000001\.parquet row 2 \(identity 3, sample 0\)"):
         ds.take_all()
+    # decoded once for caching (data.cache_decoded), by Ray Data tasks or, small sets, by the driver: the same error
+    for local in (0, 1 << 20):
+        with pytest.raises(Exception, match=r"data/part-000001\.parquet row 2 \(identity 3, sample 0\)"):
+            build_dataset(info, image_size=(8, 8), shuffle="none", batch_size=8, num_cpus=0.5, cache=True,
+                          local_decode_bytes=local).take_all()
+
+
+@pytest.mark.ray
+def test_a_small_cached_set_decoded_by_the_driver_equals_the_ray_data_decode(ray_session, output, monkeypatch):
+    """The driver decodes a small cached set itself (no Ray Data read); rows, labels and pixels equal the Ray Data
+    decode's, in blocks as large, and each epoch still augments them."""
+    from synray.training import data
+    from synray.training.data import build_dataset, dataset_info
+
+    out, _ = output
+    info = dataset_info(str(out))
+    kw = dict(image_size=(24, 24), shuffle="none", batch_size=4, num_cpus=0.5, cache=True)
+    tasks = build_dataset(info, local_decode_bytes=0, **kw)
+    with monkeypatch.context() as m:
+        m.setattr(data, "read_dataset", lambda *a, **k: pytest.fail("a small cached set was read by Ray Data"))
+        here = build_dataset(info, local_decode_bytes=1 << 20, **kw)
+    per_shard = [shards.read_shard(f).num_rows for f in info.files]
+    assert here.num_blocks() == sum(-(-n // 4) for n in per_shard) > len(per_shard)  # decode-batch-sized blocks
+
+    def rows(ds):
+        return sorted((int(r["label"]), r["image"].tobytes()) for r in ds.take_all())
+
+    assert len(rows(here)) == info.rows and rows(here) == rows(tasks)
+    flipped = build_dataset(info, local_decode_bytes=1 << 20, augment={"flip": True, "rrc_prob": 0.0}, **kw)
+    assert rows(flipped) != rows(here)  # augmented per epoch after the cache

@@ -35,11 +35,15 @@ from synray.models.inputs import fit_image
 __all__ = [
     "DatasetInfo", "dataset_info", "labels_for", "rrc_params", "random_resized_crop", "augment_image",
     "decode_augment", "augment_decoded", "decoded_bytes", "repeat_rows", "build_dataset", "SHARD_COLUMNS", "DataError",
-    "CACHE_LIMIT_BYTES",
+    "CACHE_LIMIT_BYTES", "LOCAL_DECODE_BYTES",
 ]
 
 #: decoded size up to which ``data.cache_decoded: None`` (auto) keeps a dataset decoded
 CACHE_LIMIT_BYTES = 1 << 30
+#: decoded size up to which a cached dataset is decoded by the driver itself, not by a Ray Data job: a few thousand
+#: small images decode in well under a second, while reading, decoding and materialising them through Ray Data
+#: costs about 4 s of task scheduling on 2 cores (every study and quickstart student paid it)
+LOCAL_DECODE_BYTES = 64 << 20
 #: shard columns training reads (``sample`` and the file path name a row whose image is corrupt)
 SHARD_COLUMNS = ["image", "identity", "sample", "identity_b", "mix_weight"]
 
@@ -247,6 +251,7 @@ def build_dataset(
     num_cpus: float = 1.0,
     repeat: int = 1,
     cache: bool = False,
+    local_decode_bytes: int = LOCAL_DECODE_BYTES,
 ):
     """The Ray Dataset of decoded, augmented training rows of one shard dataset.
 
@@ -254,15 +259,19 @@ def build_dataset(
     to the length of the synthetic set, which also spares a pipeline restart every few batches.
     ``cache``: decode every image once, now, at the training size (uint8, in Ray's object store; see
     :func:`decoded_bytes`); each epoch then shuffles and augments those rows, the same draws as decoding
-    each epoch, without decoding again: for small images a PNG decode costs more than a training step.
+    each epoch, without decoding again: for small images a PNG decode costs more than a training step. A cached
+    shard dataset of at most ``local_decode_bytes`` decoded is decoded here, in the driver (the same function).
     """
-    if info.source is not None:
+    decode = {"image_size": tuple(image_size), "ids": info.identities, "offset": offset, "soft_labels": soft_labels,
+              "s3": storage.is_s3(info.uri)}
+    here = cache and info.source is None and bool(info.files) and decoded_bytes(info, image_size) <= local_decode_bytes
+    if here:
+        ds = _decoded_here(info.files, decode, batch_size)
+    elif info.source is not None:
         ds = info.source.ray_dataset(num_cpus=num_cpus)
     else:
         ds = read_dataset(list(info.files) if info.files else info.uri, columns=SHARD_COLUMNS, include_paths=True)
-    decode = {"image_size": tuple(image_size), "ids": info.identities, "offset": offset, "soft_labels": soft_labels,
-              "s3": storage.is_s3(info.uri)}
-    if cache:
+    if cache and not here:
         ds = ds.map_batches(decode_augment, fn_kwargs={**decode, "augment": None}, batch_size=batch_size,
                             batch_format="numpy", num_cpus=num_cpus).materialize()
     if repeat > 1:
@@ -280,3 +289,20 @@ def build_dataset(
                               batch_format="numpy", num_cpus=num_cpus)
     return ds.map_batches(decode_augment, fn_kwargs={**decode, "augment": dict(augment) if augment else None},
                           batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus)
+
+
+def _decoded_here(files: Sequence[str], decode: Mapping[str, Any], block_rows: int):
+    """The decoded rows of small shards as an in-memory Ray Dataset, in blocks of ``block_rows`` as the Ray Data
+    path makes them (an epoch shuffles the block order)."""
+    import ray.data
+    from ray.data.block import BlockAccessor
+
+    blocks = []
+    for uri in files:
+        table = read_shard(uri)
+        columns = {c: table.column(c).to_numpy(zero_copy_only=False) for c in SHARD_COLUMNS if c in table.column_names}
+        columns["path"] = np.full(table.num_rows, storage.resolve(uri).path, dtype=object)
+        for start in range(0, table.num_rows, max(1, block_rows)):
+            batch = {c: v[start:start + block_rows] for c, v in columns.items()}
+            blocks.append(BlockAccessor.batch_to_block(decode_augment(batch, **decode, augment=None)))
+    return ray.data.from_blocks(blocks)
