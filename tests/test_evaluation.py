@@ -261,6 +261,19 @@ def test_embed_normalisation_flip_and_bgr():
         embed(model, images.astype(np.float32))
 
 
+def test_embed_takes_read_only_arrays_without_a_torch_warning(monkeypatch):
+    """Ray hands a worker read-only arrays (zero-copy from the object store); torch warns on every user's screen when
+    one becomes a tensor (the quickstart's synthesis showed it), so embed copies those first."""
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    model = _Tiny()
+    want = embed(model, images)
+    images.setflags(write=False)
+    seen, from_numpy = [], torch.from_numpy
+    monkeypatch.setattr(torch, "from_numpy", lambda a: seen.append(a.flags.writeable) or from_numpy(a))
+    np.testing.assert_array_equal(embed(model, images), want)
+    assert seen and all(seen)
+
+
 def test_fit_images_for_112x96_models():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (2, 112, 112, 3), dtype=np.uint8)

@@ -177,7 +177,8 @@ def embed(
                 batch = images[start:start + batch_size]
                 if bgr:
                     batch = batch[..., ::-1]
-                x = torch.from_numpy(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2)
+                # Ray hands workers read-only arrays (zero-copy from the object store); torch warns on those
+                x = torch.from_numpy(np.require(batch, requirements=["C", "W"])).to(device).permute(0, 3, 1, 2)
                 x = normalize_images(model, x, bgr=False, insightface_eval=True)
                 raw.append(raw_embedding(model(x)).float().cpu().numpy().astype(np.float64))
                 if flip:
