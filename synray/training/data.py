@@ -302,7 +302,7 @@ def _decoded_here(files: Sequence[str], decode: Mapping[str, Any], block_rows: i
         table = read_shard(uri)
         columns = {c: table.column(c).to_numpy(zero_copy_only=False) for c in SHARD_COLUMNS if c in table.column_names}
         columns["path"] = np.full(table.num_rows, storage.resolve(uri).path, dtype=object)
-        for start in range(0, table.num_rows, max(1, block_rows)):
+        for start in range(0, table.num_rows, block_rows):
             batch = {c: v[start:start + block_rows] for c, v in columns.items()}
             blocks.append(BlockAccessor.batch_to_block(decode_augment(batch, **decode, augment=None)))
     return ray.data.from_blocks(blocks)
