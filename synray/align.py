@@ -230,7 +230,8 @@ def resize(images: np.ndarray | torch.Tensor, size: int | tuple[int, int] = 112)
     if arr.ndim not in (3, 4):
         raise ValueError(f"images must be [H, W, C] or [N, H, W, C], got shape {arr.shape}")
     batch = arr[None] if arr.ndim == 3 else arr
-    x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).to(torch.float32)
+    # float32, C-contiguous and writable in one copy at most (Ray hands workers read-only batches: torch warns)
+    x = torch.from_numpy(np.require(batch, np.float32, ["C", "W"])).permute(0, 3, 1, 2)
     y = F.interpolate(x, size=hw, mode="bilinear", align_corners=False).permute(0, 2, 3, 1).numpy()
     if arr.dtype == np.uint8:
         y = np.clip(np.rint(y), 0, 255).astype(np.uint8)

@@ -134,6 +134,26 @@ def test_resize_matches_interpolate_without_antialias():
     assert resize(np.stack([img, img]), (112, 96)).shape == (2, 112, 96, 3)
 
 
+def test_resize_takes_read_only_arrays_without_a_torch_warning(monkeypatch):
+    """Ray hands the synthesis finish stage read-only batches (zero-copy from the object store): torch warned on every
+    default-size study's screen when one became a tensor; resize now converts such a batch in its float32 copy."""
+    import warnings
+
+    img = np.random.default_rng(1).integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)
+    want = resize(img, 32)
+    # torch warns once per process: check what reaches it too, not only the warning
+    seen, from_numpy = [], torch.from_numpy
+    monkeypatch.setattr(torch, "from_numpy", lambda a: seen.append(a.flags.writeable) or from_numpy(a))
+    for batch in (img.copy(), img.astype(np.float32)):
+        batch.setflags(write=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch's "NumPy array is not writable" warning fails the test
+            got = resize(batch, 32)
+        assert seen and all(seen)
+        assert got.dtype == batch.dtype
+        np.testing.assert_allclose(got, want, atol=0.5 if batch.dtype == np.float32 else 0)
+
+
 def test_landmarks68_to_5():
     lm = np.zeros((68, 2))
     lm[36], lm[39], lm[42], lm[45] = (0, 0), (2, 2), (10, 0), (12, 2)
