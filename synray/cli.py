@@ -30,7 +30,7 @@ FLAGS: dict[str, dict[str, tuple[str, list[str]]]] = {
     },
     "study": {
         # filled from synray.study.job.TINY
-        "--tiny": ("CI size: 24 identities x 6 images a row (6-9 minutes on 2 idle cores)", []),
+        "--tiny": ("CI size: 24 identities x 6 images a row (about 9 minutes on 2 idle cores)", []),
         "--rebuild-assets": ("retrain the study's extra world assets first (CPD 0 and UIFace LDMs, nuisance regressor, "
                              "CFSM model)", ["rebuild_assets=true"]),
         "--assets-only": ("only (re)build the study's world assets into assets=DIR (default: synray/assets/world)",

@@ -20,8 +20,8 @@ from synray.redact import redact_text
 
 __all__ = ["TINY", "needs", "run"]
 
-#: ``--tiny``: CI size (shipped assets, 2 idle cores: 347 s on 2026-12-01, 534-554 s on 2026-12-02 on another
-#: machine; the aim is 6 minutes)
+#: ``--tiny``: CI size (shipped assets, 2 idle cores, an empty directory: 534-554 s on 2026-12-02; the aim is 6
+#: minutes)
 TINY = ["world.train_identities=24", "world.images_per_identity=6", "world.verification_pairs=300",
         "student_epochs=8", "tiny=true",
         "quickstart={config: conf/quickstart.yaml, overrides: [world.train_identities=48, world.images_per_identity=16,"
