@@ -1,8 +1,9 @@
 """``synray study``: its config, the claims logic, the table, and (slow) the CI-size study as a user types it.
 
-The claims asserted by :func:`test_tiny_study_end_to_end` are those that held on 3 world seeds at ``--tiny`` size
-with the shipped assets and on a repeat of seed 0, except comparisons of two students' accuracies, which moved by
-more than their margins between the two seed-0 runs; the figures are in ``tests/data/study_tiny_seeds.json``.
+The claims asserted by :func:`test_tiny_study_end_to_end` are those that held on every recorded ``--tiny`` run with the
+shipped assets (3 world seeds with the 1-worker student, the same 3 and a repeat of seed 0 with a 2-worker one), except
+comparisons of two students' accuracies, which moved by more than their margins between two seed-0 runs; the figures
+are in ``tests/data/study_tiny_seeds.json``.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def test_spreads_the_regressor_cannot_read_are_not_reported():
 @pytest.mark.timeout(1500)
 def test_tiny_study_end_to_end(tmp_path):
     """``synray study conf/study/world.yaml --tiny`` typed in a fresh clone with the shipped assets: the table, the
-    claims that held on 3 world seeds at this size (tests/data/study_tiny_seeds.json), results.json and MLflow."""
+    claims that held on every recorded run at this size (tests/data/study_tiny_seeds.json), results.json and MLflow."""
     from test_quickstart import fresh_clone, synray
 
     from synray.quickstart import packaged_assets
